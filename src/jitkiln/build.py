@@ -1,0 +1,396 @@
+"""Build: compile the planned units that the cache lacks, each exactly once, urgent first, longest first.
+
+Concurrency is bounded by cores and by free memory (each unit's expected peak, from its last recorded
+compile or the family's estimate). Units are independent, so the build's critical path is its longest unit.
+Across processes, a per-unit lock in the store makes every unit compile once: the others wait, then load.
+
+Every build writes a JSON record and a ninja-compatible ``.ninja_log`` under the store's ``builds/``.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .errors import CompileError, CompilerKilled, JitkilnError
+from .family import CompileSpec, Family
+from .plan import Plan, Unit
+from .store import Entry, Store
+from .toolchain import Toolchain, file_digest
+
+
+# --- header labels: content digests by include-relative name, so keys are portable across machines ---------
+class HeaderLabels:
+    """Maps header paths to portable labels (``inc0/cute/tensor.hpp``, ``tc/include/cuda.h``) and back."""
+
+    def __init__(self, spec: CompileSpec, toolchain: Toolchain | None):
+        roots = [(f"inc{i}", os.path.realpath(d)) for i, d in enumerate(spec.include_dirs)]
+        if toolchain is not None and getattr(toolchain, "path", None):
+            tc_root = os.path.dirname(os.path.dirname(os.path.realpath(toolchain.path)))
+            roots.append(("tc", tc_root))
+        self.roots = sorted(roots, key=lambda r: -len(r[1]))
+
+    def label(self, path: str) -> str:
+        rp = os.path.realpath(path)
+        for tag, root in self.roots:
+            if rp.startswith(root + os.sep):
+                return f"{tag}/{os.path.relpath(rp, root)}"
+        return rp
+
+    def path(self, label: str) -> str:
+        tag, _, rest = label.partition("/")
+        for t, root in self.roots:
+            if t == tag:
+                return os.path.join(root, rest)
+        return label
+
+    def digest(self, label: str) -> str | None:
+        try:
+            return file_digest(self.path(label))
+        except OSError:
+            return None
+
+
+@dataclass
+class UnitResult:
+    name: str
+    ukey: str
+    key: str = ""
+    status: str = "pending"  # hit | compiled | waited | failed
+    start: float = 0.0  # seconds since the build started
+    end: float = 0.0
+    seconds: float = 0.0  # compile seconds (0 for hits)
+    peak_rss: int = 0
+    phases: dict[str, float] = field(default_factory=dict)
+    urgent: bool = False
+    expected_s: float = 0.0
+    error: str = ""
+    log: str = ""
+    slots: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BuildRecord:
+    plan: Plan
+    units: list[UnitResult]
+    wall_s: float
+    jobs: int
+    started: float
+    host: str = ""
+    executor: str = "local"
+    path: Path | None = None
+    ninja_log: Path | None = None
+
+    @property
+    def compiled(self) -> list[UnitResult]:
+        return [u for u in self.units if u.status == "compiled"]
+
+    @property
+    def hits(self) -> list[UnitResult]:
+        return [u for u in self.units if u.status in ("hit", "waited")]
+
+    @property
+    def critical_path_s(self) -> float:
+        # Units are independent: with enough cores the build takes as long as its longest unit.
+        return max([u.seconds for u in self.units] + [0.0])
+
+    def to_json(self) -> dict[str, Any]:
+        p = self.plan
+        return {
+            "family": p.family.name, "variant": p.variant, "arch": p.spec.arch, "module_key": p.module_key,
+            "module": "full" if p.full else "reduced", "toolchain": p.toolchain_fp, "flags": list(p.spec.flags),
+            "host": self.host, "executor": self.executor, "jobs": self.jobs, "started": self.started,
+            "wall_s": round(self.wall_s, 3), "critical_path_s": round(self.critical_path_s, 3),
+            "compiled": [u.name for u in self.compiled],
+            "cache_hits": [u.name for u in self.hits],
+            "failed": [u.name for u in self.units if u.status == "failed"],
+            "compiler_cpu_s": round(sum(u.seconds for u in self.compiled), 3),
+            "units": [u.__dict__ for u in self.units],
+            "unused": [{"name": i.name, "reason": r} for i, r in p.unused],
+            "ninja_log": str(self.ninja_log) if self.ninja_log else None,
+        }
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def default_jobs() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+class Progress:
+    """A one-line progress bar on a terminal, plain lines otherwise (CI logs, pipes)."""
+
+    def __init__(self, total: int, stream=None, enabled: bool = True):
+        self.total, self.done = total, 0
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.enabled = enabled
+        self.active: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def _bar(self) -> str:
+        n = 24
+        fill = int(n * self.done / max(self.total, 1))
+        running = ", ".join(sorted(self.active))[:60]
+        return f"\r[{'#' * fill}{'.' * (n - fill)}] {self.done}/{self.total} {running}\x1b[K"
+
+    def start(self, name: str) -> None:
+        with self.lock:
+            self.active[name] = time.monotonic()
+            if not self.enabled:
+                return
+            if self.tty:
+                self.stream.write(self._bar())
+            else:
+                self.stream.write(f"jitkiln: compiling {name}\n")
+            self.stream.flush()
+
+    def finish(self, name: str, status: str, seconds: float) -> None:
+        with self.lock:
+            self.active.pop(name, None)
+            self.done += 1
+            if not self.enabled:
+                return
+            if self.tty:
+                self.stream.write(self._bar())
+                if self.done == self.total:
+                    self.stream.write("\n")
+            else:
+                self.stream.write(f"jitkiln: [{self.done}/{self.total}] {status} {name} ({seconds:.1f} s)\n")
+            self.stream.flush()
+
+    def note(self, msg: str) -> None:
+        if self.enabled:
+            with self.lock:
+                self.stream.write(("\n" if self.tty else "") + f"jitkiln: {msg}\n")
+                self.stream.flush()
+
+
+# Observers for tests and the runtime (e.g. tiered start): called with (unit, entry) when a unit is ready.
+ReadyCallback = Callable[[Unit, Entry], None]
+
+
+class Builder:
+    def __init__(self, store: Store, jobs: int | None = None, progress: bool = True,
+                 on_ready: ReadyCallback | None = None, executor: "Executor | None" = None):
+        self.store = store
+        self.jobs = max(1, jobs or default_jobs())
+        self.progress_enabled = progress
+        self.on_ready = on_ready
+        self.executor = executor
+
+    # --- one unit ----------------------------------------------------------------------------------
+    def lookup(self, plan: Plan, unit: Unit) -> Entry | None:
+        labels = HeaderLabels(plan.spec, plan.toolchain)
+        return self.store.lookup(unit.ukey, labels.digest)
+
+    def expected(self, plan: Plan, unit: Unit) -> tuple[float, int]:
+        rec = self.store.recorded_costs(unit.ukey)
+        if rec:
+            return rec[0], rec[1] or plan.family.memory_estimate(unit.instance)
+        return plan.family.cost_estimate(unit.instance), plan.family.memory_estimate(unit.instance)
+
+    def build_unit(self, plan: Plan, unit: Unit, res: UnitResult, t0: float,
+                   progress: Progress | None = None) -> Entry:
+        """Compile one unit under its lock unless someone (another process, another machine) has it."""
+        labels = HeaderLabels(plan.spec, plan.toolchain)
+        entry = self.store.lookup(unit.ukey, labels.digest)
+        if entry is not None:
+            res.status, res.key = "hit", entry.key
+            return entry
+        waited = []
+        with self.store.lock(unit.ukey, unit.instance.name, on_wait=waited.append):
+            # another process may have published it between our first look and the lock
+            entry = self.store.lookup(unit.ukey, labels.digest)
+            if entry is not None:
+                res.status, res.key = ("waited" if waited else "hit"), entry.key
+                return entry
+            if plan.toolchain is None:
+                from .plan import toolchain_for
+                plan.toolchain, _ = toolchain_for(plan.spec, required=True)
+            if progress:
+                progress.start(unit.instance.name)
+            res.start = time.monotonic() - t0
+            try:
+                entry = (self.executor or LocalCompile()).compile(self.store, plan, unit, labels, res)
+            finally:
+                res.end = time.monotonic() - t0
+            res.status, res.key = "compiled", entry.key
+            if progress:
+                progress.finish(unit.instance.name, "compiled", res.seconds)
+            return entry
+
+    # --- a plan ------------------------------------------------------------------------------------
+    def build(self, plan: Plan, units: Iterable[Unit] | None = None, raise_on_error: bool = True) -> BuildRecord:
+        self.store.ensure()
+        todo = list(units) if units is not None else list(plan.units)
+        t0, started = time.monotonic(), time.time()
+        results: dict[str, UnitResult] = {}
+        queue = []
+        for i, u in enumerate(todo):
+            exp_s, exp_mem = self.expected(plan, u)
+            res = UnitResult(u.instance.name, u.ukey, urgent=u.urgent, expected_s=round(exp_s, 2),
+                             slots=list(u.slots))
+            results[u.ukey] = res
+            entry = self.lookup(plan, u)
+            if entry is not None:
+                res.status, res.key = "hit", entry.key
+                if self.on_ready:
+                    self.on_ready(u, entry)
+                continue
+            # urgent first, then longest expected compile first
+            heapq.heappush(queue, (0 if u.urgent else 1, -exp_s, i, u, exp_mem))
+        progress = Progress(len(queue), enabled=self.progress_enabled)
+        errors: list[JitkilnError] = []
+        killed: list[tuple[Unit, UnitResult]] = []
+        self._run_queue(plan, queue, results, t0, progress, errors, killed)
+        for u, res in killed:  # the OOM killer took it: retry alone, with the whole machine
+            progress.note(f"{u.instance.name} was killed (likely out of memory); retrying it alone")
+            self._run_queue(plan, [(0, 0, 0, u, 0)], results, t0, None, errors, [], jobs=1)
+        record = BuildRecord(plan, [results[u.ukey] for u in todo], time.monotonic() - t0, self.jobs, started,
+                             host=os.uname().nodename,
+                             executor=getattr(self.executor, "name", "local"))
+        self.write_record(record)
+        if errors and raise_on_error:
+            raise errors[0]
+        return record
+
+    def _run_queue(self, plan, queue, results, t0, progress, errors, killed, jobs=None) -> None:
+        jobs = jobs or self.jobs
+        lock = threading.Condition()
+        state = {"running": 0, "mem": 0}
+        heap = list(queue)
+        heapq.heapify(heap)
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    while True:
+                        if not heap:
+                            return
+                        need = heap[0][4]
+                        # admit if memory allows, and always admit one job when nothing runs
+                        if state["running"] == 0 or state["mem"] + need <= available_memory() * 0.9:
+                            item = heapq.heappop(heap)
+                            state["running"] += 1
+                            state["mem"] += need
+                            break
+                        lock.wait(0.5)
+                _, _, _, u, mem = item
+                res = results[u.ukey]
+                try:
+                    entry = self.build_unit(plan, u, res, t0, progress)
+                    if self.on_ready:
+                        self.on_ready(u, entry)
+                except CompilerKilled as e:
+                    res.status, res.error = "failed", e.reason
+                    if killed is not None and jobs > 1:
+                        killed.append((u, res))
+                    else:
+                        errors.append(e)
+                except JitkilnError as e:
+                    res.status, res.error = "failed", e.reason
+                    res.log = getattr(e, "log", "")
+                    errors.append(e)
+                    if progress:
+                        progress.finish(u.instance.name, "FAILED", res.seconds)
+                except BaseException as e:  # noqa: BLE001 - report, never hang the pool
+                    res.status, res.error = "failed", f"{type(e).__name__}: {e}"
+                    errors.append(JitkilnError(f"building {u.instance.name} failed: {type(e).__name__}: {e}"))
+                finally:
+                    with lock:
+                        state["running"] -= 1
+                        state["mem"] -= mem
+                        lock.notify_all()
+
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(jobs, max(len(heap), 1)))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    # --- records -----------------------------------------------------------------------------------
+    def write_record(self, record: BuildRecord, out_dir: str | os.PathLike | None = None) -> None:
+        d = Path(out_dir) if out_dir else self.store.records_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(record.started))
+        base = f"{stamp}-{record.plan.family.name}-{record.plan.module_key[:12]}-{uuid.uuid4().hex[:6]}"
+        record.ninja_log = d / f"{base}.ninja_log"
+        record.ninja_log.write_text(ninja_log(record))
+        record.path = d / f"{base}.json"
+        record.path.write_text(json.dumps(record.to_json(), indent=1, default=str))
+        (d / "last").write_text(str(record.path))
+
+
+def ninja_log(record: BuildRecord) -> str:
+    """ninja log v5: start_ms, end_ms, mtime, output, command hash (one line per compiled unit)."""
+    lines = ["# ninja log v5"]
+    for u in record.units:
+        if u.status != "compiled":
+            continue
+        lines.append(f"{int(u.start * 1000)}\t{int(u.end * 1000)}\t0\t{u.name}.so\t{u.ukey[:16]}")
+    return "\n".join(lines) + "\n"
+
+
+class Executor:
+    """Where a unit compiles: :class:`LocalCompile` here; :mod:`jitkiln.ray_executor` on a Ray cluster."""
+
+    name = "local"
+
+    def compile(self, store: Store, plan: Plan, unit: Unit, labels: HeaderLabels, res: UnitResult) -> Entry:
+        raise NotImplementedError
+
+
+class LocalCompile(Executor):
+    name = "local"
+
+    def compile(self, store: Store, plan: Plan, unit: Unit, labels: HeaderLabels, res: UnitResult) -> Entry:
+        tc = plan.toolchain
+        assert tc is not None
+        work = store.root / "tmp" / f"build-{unit.ukey[:16]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        work.mkdir(parents=True)
+        try:
+            src = work / f"{unit.instance.name}.cu"
+            src.write_text(unit.source)
+            out = work / "artifact.so"
+            log_path = store.log_path(unit.ukey)
+            r = tc.compile(str(src), str(out), plan.spec, str(work / "deps.d"), log_path=str(log_path))
+            res.seconds, res.peak_rss, res.phases, res.log = round(r.seconds, 3), r.peak_rss, r.phases, str(log_path)
+            deps = {}
+            for p in r.deps:
+                if os.path.realpath(p) == os.path.realpath(src):
+                    continue
+                lbl = labels.label(p)
+                deps[lbl] = file_digest(p)
+            meta = unit_meta(plan, unit, r.seconds, r.peak_rss, r.phases)
+            return store.publish(unit.ukey, deps, out, meta)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def unit_meta(plan: Plan, unit: Unit, seconds: float, peak_rss: int, phases: dict) -> dict[str, Any]:
+    return {"name": unit.instance.name, "family": plan.family.name, "variant": plan.variant,
+            "instance_digest": unit.instance.digest, "params": unit.instance.params(),
+            "symbol": unit.instance.symbol, "compile_s": round(seconds, 3), "peak_rss": peak_rss,
+            "phases": phases, "toolchain": plan.toolchain_fp, "flags": list(plan.spec.flags),
+            "arch": plan.spec.arch, "host": os.uname().nodename}

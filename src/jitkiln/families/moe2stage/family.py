@@ -1,0 +1,135 @@
+"""The ``moe2stage`` family: two-stage fused MoE on Hopper from CUTLASS 3.x ptr-array grouped GEMM."""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+from ...errors import ToolchainNotFound, UsageError
+from ...family import CompileSpec, Family, Instance, Problem, ShapeKey, register
+from . import heuristic
+from .instances import MoEGemm
+from .shapes import MoEShape
+from .templates import render_unit
+
+VARIANTS = {
+    # variant -> element dtype of the GEMM operands
+    "bf16": "bf16",
+    "fp8": "fp8",  # e4m3, per-tensor activation scale, per-expert weight scale
+}
+
+CUTLASS_HINT = "pip install nvidia-cutlass==4.2.0.0 (or: pip install 'jitkiln[cutlass]')"
+
+
+def cutlass_include_dirs() -> tuple[str, ...]:
+    """CUTLASS/CuTe headers from the PyPI package ``nvidia-cutlass`` (``cutlass_library/source/include``)."""
+    env = os.environ.get("JITKILN_CUTLASS_DIR")
+    roots = []
+    if env:
+        roots.append(env)
+    try:
+        import cutlass_library  # noqa: PLC0415 - only needed to locate headers
+        roots.append(os.path.join(os.path.dirname(cutlass_library.__file__), "source"))
+    except ImportError:
+        pass
+    for root in roots:
+        inc = os.path.join(root, "include")
+        if os.path.isfile(os.path.join(inc, "cutlass", "cutlass.h")):
+            return (inc, os.path.join(root, "tools", "util", "include"))
+    raise ToolchainNotFound("CUTLASS headers not found (the moe2stage family compiles CUTLASS sm90 kernels)",
+                            hint=CUTLASS_HINT + "; or set JITKILN_CUTLASS_DIR to a folder holding include/")
+
+
+@register
+class MoE2Stage(Family):
+    name = "moe2stage"
+    doc = ("Two-stage fused MoE for Hopper (sm_90a): stage 1 = GPU routing + grouped GEMM x.W13^T + "
+           "act(gate)*up*w; stage 2 = grouped GEMM act.W2^T + top-k combine. CUTLASS ptr-array kernels.")
+    shape_keys = (
+        ShapeKey("tokens", int, "batch tokens (rows of hidden_states)"),
+        ShapeKey("hidden", int, "model width (K of stage 1, N of stage 2)"),
+        ShapeKey("inter_dim", int, "per-rank expert intermediate size (moe_intermediate_size / tp)"),
+        ShapeKey("experts", int, "local experts on this rank"),
+        ShapeKey("topk", int, "experts per token"),
+        ShapeKey("ep", int, "expert-parallel degree (default 1); local experts are experts / ep of the model"),
+    )
+    OPTIONAL_KEYS = {"ep": 1}
+
+    def variants(self) -> Sequence[str]:
+        return list(VARIANTS)
+
+    def candidates(self, variant: str) -> Sequence[Instance]:
+        return heuristic.candidates(VARIANTS[self.check_variant(variant)])
+
+    def select(self, variant: str, problem: Problem) -> Mapping[str, Instance]:
+        p = self.check_problem(problem)
+        return heuristic.select(VARIANTS[self.check_variant(variant)], p)
+
+    def rule(self, variant: str, instance: Instance) -> str:
+        assert isinstance(instance, MoEGemm)
+        return heuristic.rule(instance)
+
+    def render(self, instance: Instance) -> str:
+        assert isinstance(instance, MoEGemm)
+        return render_unit(instance)
+
+    def compile_spec(self, variant: str, arch: str | None = None) -> CompileSpec:
+        arch = arch or "sm_90a"
+        if arch != "sm_90a":
+            raise UsageError(f"moe2stage targets sm_90a only (wgmma, TMA); got arch {arch!r}")
+        return CompileSpec(
+            toolchain="nvcc",
+            arch="sm_90a",
+            flags=("-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "--expt-extended-lambda",
+                   "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler=-fPIC", "-shared",
+                   "-DCUTLASS_ENABLE_TENSOR_CORE_MMA=1", "-Xptxas=-warn-spills"),
+            include_dirs=cutlass_include_dirs(),
+        )
+
+    # --- problems ---------------------------------------------------------------------------------
+    def check_problem(self, problem: Problem) -> dict[str, Any]:
+        p = dict(problem)
+        for k, v in self.OPTIONAL_KEYS.items():
+            p.setdefault(k, v)
+        out = super().check_problem(p)
+        for k in ("tokens", "hidden", "inter_dim", "experts", "topk", "ep"):
+            if out[k] < 1:
+                raise UsageError(f"shape key {k}={out[k]} must be >= 1")
+        if out["hidden"] % 16 or out["inter_dim"] % 16:
+            raise UsageError(f"hidden={out['hidden']} and inter_dim={out['inter_dim']} must be multiples of 16")
+        if out["topk"] > out["experts"] * out["ep"]:
+            raise UsageError(f"topk={out['topk']} exceeds the model's {out['experts'] * out['ep']} experts")
+        return out
+
+    def problems(self, variant: str, *, shapes: Sequence[Problem] = (), model: str | None = None,
+                 tp: int = 1, ep: int = 1, tokens: Sequence[int] | None = None) -> list[Problem]:
+        self.check_variant(variant)
+        out: list[Problem] = [self.check_problem(p) for p in shapes]
+        if model is not None:
+            shape = MoEShape.from_hf_config(model, tp=tp, ep=ep)
+            if not tokens:
+                raise UsageError("--model needs --tokens (e.g. --tokens 1-8192: the batch sizes a server captures)")
+            out += [shape.problem(t) for t in sorted(set(int(t) for t in tokens))]
+        elif tokens and not shapes:
+            raise UsageError("--tokens needs --model (a shipped example or a config.json path)")
+        if not out:
+            raise UsageError("moe2stage needs shapes: --model NAME|config.json --tp N --ep N --tokens 1-8192, "
+                             "or --shape tokens=..,hidden=..,inter_dim=..,experts=..,topk=..")
+        return out
+
+    def describe_problems(self, problems: Sequence[Problem]) -> str:
+        text = super().describe_problems(problems)
+        if problems:
+            small = sorted({p["inter_dim"] for p in problems if p["inter_dim"] <= heuristic.SMALL_INTER_DIM})
+            if not small:
+                text += (f"; inter_dim > {heuristic.SMALL_INTER_DIM} everywhere, so the small-inter_dim "
+                         "stage-2 kernel is not needed")
+        return text
+
+    # --- build hints --------------------------------------------------------------------------------
+    def cost_estimate(self, instance: Instance) -> float:
+        # measured: one CUTLASS sm90 ptr-array instance, nvcc 13.0, one core: ~34 s (larger tiles a bit more)
+        assert isinstance(instance, MoEGemm)
+        return 30.0 + 8.0 * (instance.tile_m * instance.tile_n) / (128 * 256)
+
+    def memory_estimate(self, instance: Instance) -> int:
+        return int(3.2 * (1 << 30))

@@ -1,0 +1,133 @@
+"""The moe2stage candidate set and dispatch heuristic (pure Python, used by the planner and the runtime).
+
+Quantities the heuristic reads from a problem (tokens, hidden, inter_dim, experts, topk, ep):
+
+* ``rows_per_expert`` m = tokens * topk / (experts * ep): the expected rows each *local* expert's GEMM gets
+  (with expert parallelism a rank holds ``experts`` of the ``experts * ep`` global experts, and a token's
+  top-k picks land on it with probability 1/ep each);
+* ``active_experts``: the expected local experts with at least one row (the GEMM groups that do work);
+* N and K of each stage: stage 1 is [m, hidden] x [hidden, 2*inter_dim]; stage 2 is [m, inter_dim] x
+  [inter_dim, hidden].
+
+Tiles (M x N x K; schedule; cluster) and why each exists:
+
+``DECODE_N64``  64x64x128 ping-pong -- decode and tiny batches (m <= 32) when few output tiles exist: the
+    GEMM is a weight stream (every weight byte is read once, m rows use it), so the only goal is enough CTAs
+    in flight to pull HBM bandwidth; N=64 doubles the CTA count over N=128. K=128 keeps 32 KB per stage in
+    flight per CTA. M=64 is the smallest wgmma M, so little of the tile is padding.
+``DECODE_N128`` 64x128x128 ping-pong -- the same weight-stream regime when there are already >= ~2 tiles
+    per SM with N=128 (many active experts, or a wide N): fewer, larger TMA loads, and less A re-read.
+``MEDIUM``      128x128x64 cooperative -- 32 < m <= 128 rows per expert: one M tile covers an expert's rows,
+    two consumer warpgroups split it (64 rows each) so the tensor cores see 128-row work, and each weight
+    tile is still read only once or twice.
+``LARGE``       128x256x64 cooperative, cluster 2x1 -- m > 128 (prefill, big batches): compute bound; the
+    largest tile CUTLASS's cooperative sm90 kernel keeps in registers gives the best wgmma efficiency, and
+    the 2x1 cluster multicasts each weight (B) tile to the two CTAs of neighbouring M tiles, halving weight
+    traffic from L2.
+``SMALL_K`` (stage 2 only) 128x128x64 ping-pong -- inter_dim <= 256 with m > 32 (e.g. Kimi-K2 at tp 8:
+    2048 / 8 = 256): stage 2's K is inter_dim, so each output tile has at most 4 k-blocks of math and then
+    a 32 KB epilogue store; ping-pong lets one warpgroup's epilogue overlap the other warpgroup's mainloop,
+    which cooperative (both warpgroups in the epilogue together) cannot. This mirrors the upstream CK
+    module's "small inter_dim" stage-2 kernels (gemm2_64x*), and -- like there -- it is *only* needed for
+    inter_dim <= 256: a deployment with inter_dim > 256 (Kimi-K2 at tp <= 4 or ep 8, DeepSeek-V3, Qwen3)
+    never selects it, so its plan does not build it.
+
+fp8 (e4m3, per-tensor activation scale, per-expert weight scale) uses the same tile shapes with K tiles
+of 128 elements (128 bytes: the same swizzle atom bf16 gets from K=64) and the FP8 fast-accumulation
+schedules.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from .instances import MoEGemm, MoEStage1, MoEStage2
+
+SMALL_INTER_DIM = 256
+"""Stage 2 uses the SMALL_K tile when inter_dim <= this (upstream CK's threshold too)."""
+
+DECODE_ROWS = 32
+MEDIUM_ROWS = 128
+SM_COUNT = 132  # H100 SXM; only used to judge "enough tiles", not a correctness input
+
+
+def _k(dtype: str, bf16_k: int) -> int:
+    return bf16_k * 2 if dtype == "fp8" else bf16_k
+
+
+def tiles(dtype: str) -> dict[str, dict[str, Any]]:
+    """Tile parameters by role, for ``dtype``."""
+    return {
+        "DECODE_N64": dict(tile_m=64, tile_n=64, tile_k=128, schedule="pingpong"),
+        "DECODE_N128": dict(tile_m=64, tile_n=128, tile_k=128, schedule="pingpong"),
+        "MEDIUM": dict(tile_m=128, tile_n=128, tile_k=_k(dtype, 64), schedule="cooperative"),
+        "LARGE": dict(tile_m=128, tile_n=256, tile_k=_k(dtype, 64), schedule="cooperative",
+                      cluster_m=2, cluster_n=1),
+        "SMALL_K": dict(tile_m=128, tile_n=128, tile_k=_k(dtype, 64), schedule="pingpong"),
+    }
+
+
+STAGE1_ROLES = ("DECODE_N64", "DECODE_N128", "MEDIUM", "LARGE")
+STAGE2_ROLES = ("DECODE_N64", "DECODE_N128", "MEDIUM", "LARGE", "SMALL_K")
+
+
+def candidates(dtype: str) -> list[MoEGemm]:
+    t = tiles(dtype)
+    out: list[MoEGemm] = [MoEStage1(dtype=dtype, **t[r]) for r in STAGE1_ROLES]
+    out += [MoEStage2(dtype=dtype, **t[r]) for r in STAGE2_ROLES]
+    return out
+
+
+def rows_per_expert(p: Mapping[str, Any]) -> float:
+    return p["tokens"] * p["topk"] / (p["experts"] * p.get("ep", 1))
+
+
+def active_experts(p: Mapping[str, Any]) -> float:
+    """Expected local experts that receive at least one row (uniform routing)."""
+    e_global = p["experts"] * p.get("ep", 1)
+    picks = p["tokens"] * p["topk"]
+    return p["experts"] * (1.0 - (1.0 - 1.0 / e_global) ** picks)
+
+
+def role(stage: int, p: Mapping[str, Any]) -> str:
+    m = rows_per_expert(p)
+    if stage == 2 and p["inter_dim"] <= SMALL_INTER_DIM and m > DECODE_ROWS:
+        return "SMALL_K"
+    if m <= DECODE_ROWS:
+        n = 2 * p["inter_dim"] if stage == 1 else p["hidden"]
+        tiles128 = active_experts(p) * math.ceil(n / 128)
+        return "DECODE_N128" if tiles128 >= 2 * SM_COUNT else "DECODE_N64"
+    if m <= MEDIUM_ROWS:
+        return "MEDIUM"
+    return "LARGE"
+
+
+def select(dtype: str, p: Mapping[str, Any]) -> dict[str, MoEGemm]:
+    t = tiles(dtype)
+    return {"stage1": MoEStage1(dtype=dtype, **t[role(1, p)]),
+            "stage2": MoEStage2(dtype=dtype, **t[role(2, p)])}
+
+
+RULES = {
+    "DECODE_N64": "rows per expert <= %d and fewer than %d output tiles of N=128" % (DECODE_ROWS, 2 * SM_COUNT),
+    "DECODE_N128": "rows per expert <= %d and at least %d output tiles of N=128" % (DECODE_ROWS, 2 * SM_COUNT),
+    "MEDIUM": "%d < rows per expert <= %d" % (DECODE_ROWS, MEDIUM_ROWS),
+    "LARGE": "rows per expert > %d" % MEDIUM_ROWS,
+    "SMALL_K": "stage 2 with inter_dim <= %d and rows per expert > %d" % (SMALL_INTER_DIM, DECODE_ROWS),
+}
+
+
+def role_of(inst: MoEGemm) -> str:
+    for r, params in tiles(inst.dtype).items():
+        probe = type(inst)(dtype=inst.dtype, **params)
+        if probe == inst:
+            return r
+    raise KeyError(inst.name)
+
+
+def rule(inst: MoEGemm) -> str:
+    r = role_of(inst)
+    text = RULES[r]
+    if inst.stage == 2 and r in ("MEDIUM", "LARGE"):
+        text += " (and inter_dim > %d)" % SMALL_INTER_DIM
+    return f"stage {inst.stage}, {r}: {text}"

@@ -1,0 +1,92 @@
+"""The two instance kinds of moe2stage: a stage-1 unit and a stage-2 unit (each one grouped GEMM config).
+
+Each kind has its own launcher ABI (``abi`` class attribute); see :mod:`.templates` for the argument meaning.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ...family import CAbi, Instance
+
+_p = ctypes.c_void_p
+_i = ctypes.c_int
+
+STAGE1_ABI = CAbi(
+    argtypes=(_p, _p, _p, _p,  # x, topk_ids, topk_w, w13
+              _p, _p, _p,  # act_out, expert_offsets, sorted_pos
+              _i, _i, _i, _i, _i, _i,  # T, topk, E, H, I, activation
+              _p, _p, _p,  # a_scale, w13_scale, a2_scale
+              _p, ctypes.POINTER(ctypes.c_size_t), _p),  # workspace, workspace_bytes, stream
+    restype=ctypes.c_int,
+    doc="int f(x, topk_ids, topk_w, w13, act_out, expert_offsets, sorted_pos, T, topk, E, H, I, activation, "
+        "a_scale, w13_scale, a2_scale, workspace, size_t* workspace_bytes, stream); workspace=NULL: size query",
+)
+
+STAGE2_ABI = CAbi(
+    argtypes=(_p, _p, _p, _p, _p,  # act, w2, out, expert_offsets, sorted_pos
+              _i, _i, _i, _i, _i,  # T, topk, E, H, I
+              _p, _p,  # a2_scale, w2_scale
+              _p, ctypes.POINTER(ctypes.c_size_t), _p),  # workspace, workspace_bytes, stream
+    restype=ctypes.c_int,
+    doc="int f(act, w2, out, expert_offsets, sorted_pos, T, topk, E, H, I, a2_scale, w2_scale, workspace, "
+        "size_t* workspace_bytes, stream); workspace=NULL: size query",
+)
+
+SCHEDULES = ("pingpong", "cooperative")
+DTYPES = ("bf16", "fp8")
+
+
+@dataclass(frozen=True)
+class MoEGemm(Instance):
+    """One grouped-GEMM configuration of one stage (CUTLASS sm90 ptr-array, TMA warp-specialized)."""
+
+    family: ClassVar[str] = "moe2stage"
+    stage: ClassVar[int] = 0
+
+    dtype: str  # element type of A and B: bf16 | fp8 (e4m3, per-tensor scales)
+    tile_m: int
+    tile_n: int
+    tile_k: int
+    schedule: str  # pingpong | cooperative
+    cluster_m: int = 1
+    cluster_n: int = 1
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} not in {DTYPES}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} not in {SCHEDULES}")
+        if self.schedule == "cooperative" and self.tile_m < 128:
+            raise ValueError("the cooperative schedule splits M over two warpgroups: tile_m >= 128")
+
+    @property
+    def name(self) -> str:
+        return (f"moe2stage_s{self.stage}_{self.dtype}_{self.tile_m}x{self.tile_n}x{self.tile_k}_"
+                f"{self.schedule}_c{self.cluster_m}x{self.cluster_n}")
+
+    def params(self):
+        d = super().params()
+        d["stage"] = self.stage
+        return d
+
+    @property
+    def tile(self) -> str:
+        return f"{self.tile_m}x{self.tile_n}x{self.tile_k} {self.schedule} cluster {self.cluster_m}x{self.cluster_n}"
+
+
+@dataclass(frozen=True)
+class MoEStage1(MoEGemm):
+    """Routing (count, scan, gather) + grouped GEMM x·W13ᵀ + act(gate)·up·w; slot ``stage1``."""
+
+    stage: ClassVar[int] = 1
+    abi: ClassVar[CAbi] = STAGE1_ABI
+
+
+@dataclass(frozen=True)
+class MoEStage2(MoEGemm):
+    """Grouped GEMM act·W2ᵀ + top-k combine into the output; slot ``stage2``."""
+
+    stage: ClassVar[int] = 2
+    abi: ClassVar[CAbi] = STAGE2_ABI

@@ -1,0 +1,193 @@
+"""``fused_moe``: the two-stage MoE of the ``moe2stage`` family on torch CUDA tensors.
+
+Layouts and dtypes (T tokens, H hidden, I per-rank intermediate, E local experts, k = top-k)::
+
+    hidden_states  [T, H]        torch.bfloat16, CUDA, contiguous
+    w13            [E, 2*I, H]   bf16 (variant bf16) or float8_e4m3fn (variant fp8); rows 0..I-1 are the gate
+                                 projection, rows I..2I-1 the up projection (vLLM's w13 layout); H contiguous
+    w2             [E, H, I]     same dtype as w13; I contiguous
+    topk_weights   [T, k]        float32 (bf16/fp16 are converted)
+    topk_ids       [T, k]        int32 (int64 is converted); ids outside [0, E) are skipped, which is how an
+                                 expert-parallel rank drops the picks of other ranks' experts
+    returns        [T, H]        bf16: sum_k topk_weights[t, k] * W2[e] (act(W13_gate[e] x) * (W13_up[e] x))
+
+fp8 (e4m3) needs per-tensor activation scales ``a_scale`` (stage 1 input) and ``a2_scale`` (stage 2 input),
+float32 tensors of one element, and per-expert weight scales ``w13_scale`` / ``w2_scale`` ([E] float32):
+real = fp8 * scale. Activations are quantized on the GPU (saturating to +-448).
+
+Everything runs on the current stream without host synchronisation, so a call can be captured in a CUDA graph
+once its kernels are built (the first call for a new shape class may compile or load them: do that before
+capture, e.g. with ``jitkiln plan/build`` or one warm-up call).
+
+Torch is imported lazily: importing :mod:`jitkiln.moe` needs no torch.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Mapping
+
+from .errors import LaunchError, UsageError
+
+FAMILY = "moe2stage"
+ACTIVATIONS = {"silu": 0, "gelu": 1}
+
+_modules: dict[tuple, Any] = {}
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UsageError(msg)
+
+
+def problem_of(hidden_states, w13, topk_ids, ep: int = 1) -> dict[str, int]:
+    T, H = hidden_states.shape
+    E, two_i, _ = w13.shape
+    return {"tokens": int(T), "hidden": int(H), "inter_dim": int(two_i // 2), "experts": int(E),
+            "topk": int(topk_ids.shape[1]), "ep": int(ep)}
+
+
+def _dispatch(variant: str, problem: Mapping[str, int], module=None, policy: str = "compile", cache=None):
+    """{slot: ctypes function} for ``problem``; loads (builds, under ``policy``) through jitkiln.runtime."""
+    if module is not None:
+        return module.dispatch(problem)
+    from .family import get_family
+    fam = get_family(FAMILY)
+    sel = fam.select(variant, problem)
+    key = (variant, policy, id(cache)) + tuple(sorted((s, i.digest) for s, i in sel.items()))
+    mod = _modules.get(key)
+    if mod is None:
+        from . import runtime  # the engine: plans, builds (policy), caches and loads the instances
+        mod = runtime.load(FAMILY, variant, [dict(problem)], policy=policy, cache=cache)
+        _modules[key] = mod
+    return mod.dispatch(problem)
+
+
+def _ptr(t) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _call(fn, name: str, *args) -> None:
+    rc = fn(*args)
+    if rc != 0:
+        what = f"CUTLASS status {rc - 10000}" if rc >= 10000 else f"CUDA error {rc}"
+        raise LaunchError(f"moe2stage {name} launch failed: {what}",
+                          hint="run with CUDA_LAUNCH_BLOCKING=1 to locate it; check shapes and the device")
+
+
+def fused_moe(hidden_states, w13, w2, topk_weights, topk_ids, activation: str = "silu", *,
+              out=None, a_scale=None, w13_scale=None, a2_scale=None, w2_scale=None, ep: int = 1,
+              module=None, policy: str = "compile", cache=None):
+    """Two-stage fused MoE (see the module docstring for layouts). Returns ``out`` ([T, H] bf16)."""
+    import torch
+
+    x = hidden_states
+    _check(isinstance(x, torch.Tensor) and x.dim() == 2, "hidden_states must be a 2-D tensor [T, H]")
+    _check(x.is_cuda, f"hidden_states must be on a CUDA device, got {x.device}")
+    dev = x.device
+    _check(x.dtype == torch.bfloat16, f"hidden_states must be bfloat16, got {x.dtype}")
+    _check(activation in ACTIVATIONS, f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    for nm, t, nd in (("w13", w13, 3), ("w2", w2, 3), ("topk_weights", topk_weights, 2),
+                      ("topk_ids", topk_ids, 2)):
+        _check(isinstance(t, torch.Tensor) and t.dim() == nd, f"{nm} must be a {nd}-D tensor")
+        _check(t.device == dev, f"{nm} is on {t.device}, hidden_states on {dev}: put them on one device")
+    T, H = x.shape
+    E, two_i, h1 = w13.shape
+    _check(two_i % 2 == 0, f"w13 must be [E, 2*I, H]; its dim 1 ({two_i}) is odd")
+    I = two_i // 2
+    _check(h1 == H, f"w13 is [E, 2I, {h1}] but hidden_states has H={H}")
+    _check(tuple(w2.shape) == (E, H, I), f"w2 must be [E, H, I] = [{E}, {H}, {I}], got {list(w2.shape)}")
+    _check(w13.dtype == w2.dtype, f"w13 ({w13.dtype}) and w2 ({w2.dtype}) must have one dtype")
+    if w13.dtype == torch.bfloat16:
+        variant = "bf16"
+        _check(all(s is None for s in (a_scale, w13_scale, a2_scale, w2_scale)),
+               "scales are for fp8 weights; bf16 weights take none")
+    elif w13.dtype == getattr(torch, "float8_e4m3fn", None):
+        variant = "fp8"
+        for nm, s, n in (("a_scale", a_scale, 1), ("a2_scale", a2_scale, 1), ("w13_scale", w13_scale, E),
+                         ("w2_scale", w2_scale, E)):
+            _check(isinstance(s, torch.Tensor) and s.dtype == torch.float32 and s.numel() == n
+                   and s.device == dev and s.is_contiguous(),
+                   f"fp8 needs {nm}: a contiguous float32 tensor of {n} element(s) on {dev}")
+    else:
+        raise UsageError(f"w13/w2 dtype {w13.dtype} is not supported: bfloat16 or float8_e4m3fn")
+    _check(topk_ids.shape[0] == T and topk_weights.shape == topk_ids.shape,
+           f"topk_ids and topk_weights must both be [T={T}, k]; got {list(topk_ids.shape)} and "
+           f"{list(topk_weights.shape)}")
+    k = topk_ids.shape[1]
+    _check(k >= 1, "top-k must be >= 1")
+    _check(H % 16 == 0 and I % 16 == 0, f"H={H} and I={I} must be multiples of 16 (16-byte rows for TMA)")
+    for nm, t in (("hidden_states", x), ("w13", w13), ("w2", w2)):
+        _check(t.is_contiguous(), f"{nm} must be contiguous (row-major; call .contiguous())")
+    if topk_ids.dtype != torch.int32:
+        _check(topk_ids.dtype in (torch.int64, torch.int16, torch.uint8), f"topk_ids dtype {topk_ids.dtype}")
+        topk_ids = topk_ids.to(torch.int32)
+    if topk_weights.dtype != torch.float32:
+        _check(topk_weights.is_floating_point(), f"topk_weights dtype {topk_weights.dtype}")
+        topk_weights = topk_weights.to(torch.float32)
+    topk_ids = topk_ids.contiguous()
+    topk_weights = topk_weights.contiguous()
+    if out is None:
+        out = torch.empty((T, H), dtype=torch.bfloat16, device=dev)
+    else:
+        _check(out.shape == (T, H) and out.dtype == torch.bfloat16 and out.device == dev and out.is_contiguous(),
+               f"out must be a contiguous bfloat16 [{T}, {H}] tensor on {dev}")
+    if T == 0:
+        return out
+
+    problem = {"tokens": int(T), "hidden": int(H), "inter_dim": int(I), "experts": int(E), "topk": int(k),
+               "ep": int(ep)}
+    fns = _dispatch(variant, problem, module=module, policy=policy, cache=cache)
+    s1, s2 = fns["stage1"], fns["stage2"]
+
+    rows = T * k
+    act_dtype = torch.bfloat16 if variant == "bf16" else w13.dtype
+    act = torch.empty((rows, I), dtype=act_dtype, device=dev)
+    offsets = torch.empty((E + 1,), dtype=torch.int32, device=dev)
+    sorted_pos = torch.empty((rows,), dtype=torch.int32, device=dev)
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+    act_code = ACTIVATIONS[activation]
+
+    ws1 = ctypes.c_size_t(0)
+    _call(s1, "stage1 size query", x.data_ptr(), topk_ids.data_ptr(), topk_weights.data_ptr(), w13.data_ptr(),
+          act.data_ptr(), offsets.data_ptr(), sorted_pos.data_ptr(), T, k, E, H, I, act_code,
+          _ptr(a_scale), _ptr(w13_scale), _ptr(a2_scale), None, ctypes.byref(ws1), None)
+    ws2 = ctypes.c_size_t(0)
+    _call(s2, "stage2 size query", act.data_ptr(), w2.data_ptr(), out.data_ptr(), offsets.data_ptr(),
+          sorted_pos.data_ptr(), T, k, E, H, I, _ptr(a2_scale), _ptr(w2_scale), None, ctypes.byref(ws2), None)
+    ws = torch.empty((max(ws1.value, ws2.value),), dtype=torch.uint8, device=dev)
+    ws1.value = ws2.value = ws.numel()
+    _call(s1, "stage1", x.data_ptr(), topk_ids.data_ptr(), topk_weights.data_ptr(), w13.data_ptr(),
+          act.data_ptr(), offsets.data_ptr(), sorted_pos.data_ptr(), T, k, E, H, I, act_code,
+          _ptr(a_scale), _ptr(w13_scale), _ptr(a2_scale), ws.data_ptr(), ctypes.byref(ws1), stream)
+    _call(s2, "stage2", act.data_ptr(), w2.data_ptr(), out.data_ptr(), offsets.data_ptr(),
+          sorted_pos.data_ptr(), T, k, E, H, I, _ptr(a2_scale), _ptr(w2_scale), ws.data_ptr(),
+          ctypes.byref(ws2), stream)
+    return out
+
+
+def reference_moe(hidden_states, w13, w2, topk_weights, topk_ids, activation: str = "silu", *,
+                  a_scale=None, w13_scale=None, a2_scale=None, w2_scale=None, dtype=None):
+    """Plain torch reference in float32 (or ``dtype``), per token-expert pair; ids outside [0, E) skipped."""
+    import torch
+    dtype = dtype or torch.float32
+    E, two_i, H = w13.shape
+    I = two_i // 2
+    x = hidden_states.to(dtype)
+    a = w13.to(dtype)
+    b = w2.to(dtype)
+    if w13_scale is not None:
+        a = a * w13_scale.to(dtype).view(E, 1, 1)
+        b = b * w2_scale.to(dtype).view(E, 1, 1)
+    out = torch.zeros_like(x)
+    ids = topk_ids.long()
+    for e in range(E):
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        h = x[tok] @ a[e].t()
+        g, u = h[:, :I], h[:, I:]
+        act = torch.nn.functional.silu(g) if activation == "silu" else torch.nn.functional.gelu(g)
+        y = (act * u) @ b[e].t()
+        out.index_add_(0, tok, y * topk_weights[tok, slot].to(dtype)[:, None])
+    return out

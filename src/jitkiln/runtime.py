@@ -1,0 +1,217 @@
+"""Runtime: load verified artifacts through ctypes and dispatch with the family's own heuristic.
+
+Why ctypes and not TVM-FFI or a torch extension: every unit exports a plain C function taking raw pointers,
+sizes and a stream, so the loader needs nothing but ``dlopen``; no unit compiles torch or FFI headers (that
+costs ~20 s per unit upstream), torch stays optional, and the same artifact serves any Python framework.
+The price, a few microseconds of ctypes call overhead, is paid once per launch and vanishes in a CUDA graph.
+
+Artifacts are loaded from the very bytes whose digest was checked (copied to an anonymous memfd and
+``dlopen``-ed from there), so a file swapped after the check can never be loaded.
+
+Policies for a problem whose instance is not loaded:
+
+* ``error`` (default): raise :class:`~jitkiln.errors.MissingInstance` naming the instance, why it is missing
+  and the command that builds it;
+* ``compile``: build that instance now (once, even across processes), load it, and go on;
+* ``background``: build the rest of the plan in a background thread; block only on the instance needed.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from typing import Any, Callable, Mapping, Sequence
+
+from .build import Builder
+from .errors import CorruptEntry, MissingInstance, UsageError
+from .family import Family, Instance, Problem, get_family
+from .plan import Plan, Unit, make_plan, unit_key
+from .store import Entry, Store
+
+POLICIES = ("error", "compile", "background")
+
+
+def dlopen_bytes(data: bytes, label: str) -> ctypes.CDLL:
+    """dlopen exactly these bytes, through an anonymous memfd.
+
+    The memfd stays open for the life of the process: the dynamic loader matches libraries by path, and a
+    reused ``/proc/self/fd/N`` path would hand back the library loaded earlier under that number.
+    """
+    fd = os.memfd_create(f"jitkiln-{label}"[:240], os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        return ctypes.CDLL(f"/proc/self/fd/{fd}", mode=os.RTLD_NOW | os.RTLD_LOCAL)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class Module:
+    """A planned module whose instances are loaded as they become available."""
+
+    def __init__(self, plan: Plan, store: Store | None = None, policy: str = "error",
+                 builder: Builder | None = None):
+        if policy not in POLICIES:
+            raise UsageError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        self.plan = plan
+        self.family: Family = plan.family
+        self.variant = plan.variant
+        self.store = store or Store()
+        self.policy = policy
+        self.builder = builder or Builder(self.store, progress=False)
+        self._fns: dict[str, Any] = {}
+        self._libs: list[ctypes.CDLL] = []
+        self._lock = threading.RLock()
+        self._bg: threading.Thread | None = None
+        self._bg_error: BaseException | None = None
+        self.listeners: list[Callable[[Instance], None]] = []
+
+    # --- loading -------------------------------------------------------------------------------------
+    def load_entry(self, instance: Instance, entry: Entry) -> Any:
+        """Load one verified entry and publish its launcher (atomically: a dict assignment)."""
+        with self._lock:
+            if instance.digest in self._fns:
+                return self._fns[instance.digest]
+            data = self.store.read_verified(entry)
+            lib = dlopen_bytes(data, instance.name)
+            try:
+                name_fn = getattr(lib, f"jk_name_{instance.digest[:16]}")
+                fn = getattr(lib, instance.symbol)
+            except AttributeError:
+                raise CorruptEntry(f"artifact of {instance.name} lacks its exported symbols",
+                                   hint="delete the entry (`jitkiln cache gc`) and rebuild") from None
+            name_fn.restype = ctypes.c_char_p
+            got = name_fn().decode()
+            if got != instance.name:
+                raise CorruptEntry(f"artifact loaded for {instance.name} says it is {got}")
+            abi = self.family.abi_of(instance)
+            fn.argtypes = list(abi.argtypes)
+            fn.restype = abi.restype
+            self._libs.append(lib)
+            self._fns[instance.digest] = fn
+        for cb in list(self.listeners):
+            cb(instance)
+        return fn
+
+    def load_available(self) -> int:
+        """Load every planned unit the cache already has; return how many are loaded."""
+        for u in self.plan.units:
+            if u.instance.digest in self._fns:
+                continue
+            e = self.builder.lookup(self.plan, u)
+            if e is not None:
+                try:
+                    self.load_entry(u.instance, e)
+                except CorruptEntry:
+                    continue  # moved aside; a build will replace it
+        return len(self._fns)
+
+    def is_loaded(self, instance: Instance) -> bool:
+        return instance.digest in self._fns
+
+    @property
+    def ready(self) -> bool:
+        return all(u.instance.digest in self._fns for u in self.plan.units)
+
+    # --- dispatch ------------------------------------------------------------------------------------
+    def dispatch(self, problem: Problem) -> dict[str, Any]:
+        """The launcher of every slot of ``problem``, chosen by the family's heuristic."""
+        sel = self.family.select(self.variant, problem)
+        return {slot: self.launcher(inst, problem) for slot, inst in sel.items()}
+
+    def launcher(self, instance: Instance, problem: Problem | None = None) -> Any:
+        fn = self._fns.get(instance.digest)
+        if fn is not None:
+            return fn
+        if self.policy == "error":
+            raise self.missing(instance, problem)
+        unit = self.plan.unit_for(instance) or self._extra_unit(instance)
+        if self.policy == "background":
+            self.start_background()
+        with self._lock:
+            fn = self._fns.get(instance.digest)
+        if fn is not None:
+            return fn
+        rec = self.builder.build(self.plan, [unit])
+        entry = self.store.get(rec.units[0].key)
+        if entry is None:  # pragma: no cover - just published
+            raise MissingInstance(f"{instance.name} was built but cannot be read back from the cache")
+        return self.load_entry(instance, entry)
+
+    def _extra_unit(self, instance: Instance) -> Unit:
+        src = self.family.render(instance)
+        if self.plan.toolchain is None:
+            from .plan import toolchain_for
+            self.plan.toolchain, self.plan.toolchain_fp = toolchain_for(self.plan.spec, required=True)
+        return Unit(instance, src, unit_key(self.family, instance, src, self.plan.toolchain_fp, self.plan.spec),
+                    urgent=True, why="outside the plan: built on demand")
+
+    def missing(self, instance: Instance, problem: Problem | None) -> MissingInstance:
+        planned = self.plan.unit_for(instance) is not None
+        fam, var = self.family.name, self.variant
+        shape = ",".join(f"{k}={v}" for k, v in (problem or {}).items() if not isinstance(v, (list, dict)))
+        cmd = f"jitkiln build {fam} --variant {var}" + (f" --shape {shape}" if shape else "")
+        if planned:
+            why = "it is planned but not built yet (or its cache entry was refused)"
+        else:
+            why = (f"this {'full' if self.plan.full else 'reduced'} module was planned for "
+                   f"{self.family.describe_problems(self.plan.problems)}, and dispatch picks {instance.name} "
+                   f"for {problem}: {self.family.rule(var, instance)}")
+        return MissingInstance(
+            f"instance {instance.name} is not loaded: {why}",
+            hint=f"build it with `{cmd}`, or load the module with policy "
+                 f"'compile' (build on demand) or 'background'")
+
+    # --- background ----------------------------------------------------------------------------------
+    def start_background(self) -> threading.Thread:
+        """Build every planned unit not loaded yet in a background thread, loading each as it lands."""
+        with self._lock:
+            if self._bg is not None:
+                return self._bg
+
+            def run() -> None:
+                try:
+                    todo = [u for u in self.plan.units if u.instance.digest not in self._fns]
+                    bld = Builder(self.store, jobs=self.builder.jobs, progress=False,
+                                  on_ready=lambda u, e: self.load_entry(u.instance, e),
+                                  executor=self.builder.executor)
+                    bld.build(self.plan, todo)
+                except BaseException as e:  # noqa: BLE001 - surfaced by wait()
+                    self._bg_error = e
+
+            self._bg = threading.Thread(target=run, name="jitkiln-background-build", daemon=True)
+            self._bg.start()
+            return self._bg
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the background build; re-raise its error. True when every planned unit is loaded."""
+        if self._bg is not None:
+            self._bg.join(timeout)
+            if self._bg_error is not None:
+                raise self._bg_error
+        return self.ready
+
+
+def load(family: str | Family, variant: str | None = None, problems: Sequence[Problem] | None = None, *,
+         policy: str = "error", store: Store | None = None, build: bool = True, jobs: int | None = None,
+         arch: str | None = None, full: bool = False, progress: bool = False) -> Module:
+    """Plan, build what the cache lacks (unless ``build=False``), and load a module.
+
+    With ``policy='background'`` and ``build=True`` the build runs in the background and this returns at
+    once with whatever the cache already had loaded.
+    """
+    fam = get_family(family) if isinstance(family, str) else family
+    variant = fam.check_variant(variant)
+    probs = list(problems) if problems is not None else fam.default_problems(variant)
+    plan = make_plan(fam, variant, probs, arch=arch, full=full)
+    store = store or Store()
+    builder = Builder(store, jobs=jobs, progress=progress)
+    mod = Module(plan, store, policy, builder)
+    if build and policy != "background":
+        builder.build(plan)
+    mod.load_available()
+    if build and policy == "background" and not mod.ready:
+        mod.start_background()
+    return mod

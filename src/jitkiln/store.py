@@ -1,0 +1,453 @@
+"""Content-addressed cache of compiled instances.
+
+Layout under the cache root (``JITKILN_CACHE_DIR``, default ``~/.cache/jitkiln``)::
+
+    v1/objects/ab/<key>/artifact   the loadable artifact (a shared object)
+    v1/objects/ab/<key>/meta.json  its metadata: digest, compile seconds, peak memory, toolchain, flags...
+    v1/manifests/cd/<ukey>.json    unit key -> the headers it read, with their digests, and the full key
+    v1/locks/<ukey>.lock           per-unit flock: N processes compile a unit exactly once
+    v1/tmp/                        entries being written (never read)
+    v1/builds/                     build records and ninja logs
+
+Two keys: the *unit key* covers the source text, the compiler fingerprint, flags and arch: everything known
+before compiling. The *key* of an entry adds the content digest of every header the compiler read (from its
+dependency output), found through the unit's manifest. An entry is published by renaming a complete,
+fsynced directory into place, so readers see all of it or nothing; its artifact digest is checked before
+every load, and anything that fails the check is moved aside and rebuilt, never loaded.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from .errors import CorruptEntry, StoreError, StoreFull
+from .family import canonical_json, sha256_hex
+
+LAYOUT = "v1"
+
+
+def default_root() -> Path:
+    env = os.environ.get("JITKILN_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))) / "jitkiln"
+
+
+def entry_key(ukey: str, deps: Mapping[str, str]) -> str:
+    """The full key: unit key + (header label, content digest) of every header read."""
+    return sha256_hex("jitkiln-entry-v1", ukey, canonical_json(sorted(deps.items())))
+
+
+@dataclass
+class Entry:
+    key: str
+    path: Path  # the entry directory
+    meta: dict[str, Any]
+
+    @property
+    def artifact(self) -> Path:
+        return self.path / "artifact"
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("name", "?")
+
+
+class RemoteTier:
+    """A shared tier behind the local store (shared directory, Redis...). See :mod:`jitkiln.remote`.
+
+    Everything a tier returns is verified by the local store before it is published locally or loaded.
+    """
+
+    name = "remote"
+
+    def get(self, key: str) -> tuple[bytes, dict] | None:
+        raise NotImplementedError
+
+    def put(self, key: str, artifact: bytes, meta: dict) -> None:
+        raise NotImplementedError
+
+    def get_manifest(self, ukey: str) -> list[dict]:
+        return []
+
+    def put_manifest(self, ukey: str, records: list[dict]) -> None:
+        pass
+
+
+Verifier = Callable[[bytes, dict], None]  # raises CorruptEntry when a remote entry may not be trusted
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike | None = None, remotes: Sequence[RemoteTier] = (),
+                 verify_remote: Verifier | None = None):
+        self.base = Path(root) if root is not None else default_root()
+        self.root = self.base / LAYOUT
+        self.remotes = list(remotes)
+        self.verify_remote = verify_remote
+        self._ready = False
+
+    # --- layout ------------------------------------------------------------------------------------
+    def ensure(self) -> None:
+        if self._ready:
+            return
+        try:
+            for sub in ("objects", "manifests", "locks", "tmp", "builds", "logs", "corrupt"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            probe = self.root / "tmp" / f".probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise StoreError(
+                f"cache directory {self.base} is not writable ({e.strerror or e})",
+                hint="set JITKILN_CACHE_DIR to a writable directory, or fix the permissions of this one") from None
+        self._ready = True
+
+    def obj_dir(self, key: str) -> Path:
+        return self.root / "objects" / key[:2] / key
+
+    def manifest_path(self, ukey: str) -> Path:
+        return self.root / "manifests" / ukey[:2] / f"{ukey}.json"
+
+    def log_path(self, ukey: str) -> Path:
+        return self.root / "logs" / f"{ukey}.log"
+
+    # --- locking -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, ukey: str, what: str = "", on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Exclusive per-unit lock (flock): released by the kernel when its holder dies, so a killed
+        build never blocks a later one."""
+        self.ensure()
+        path = self.root / "locks" / f"{ukey}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait:
+                    try:
+                        holder = os.pread(fd, 256, 0).decode(errors="replace").strip()
+                    except OSError:
+                        holder = ""
+                    on_wait(holder or "another process")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {what}".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    # --- lookup ------------------------------------------------------------------------------------
+    def read_manifest(self, ukey: str) -> list[dict]:
+        p = self.manifest_path(ukey)
+        try:
+            recs = json.loads(p.read_text())
+            if not isinstance(recs, list) or not all(isinstance(r, dict) and "key" in r and "deps" in r
+                                                     for r in recs):
+                raise ValueError("not a list of {key, deps}")
+            return recs
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as e:
+            self._quarantine(p, f"malformed manifest: {e}")
+            return []
+
+    def lookup(self, ukey: str, current_digest: Callable[[str], str | None]) -> Entry | None:
+        """The verified entry of a unit whose recorded headers still have the recorded content, else None.
+
+        ``current_digest(label)`` gives the digest a header has now (None if it is gone).
+        """
+        self.ensure()
+        for rec in reversed(self.read_manifest(ukey)):
+            if all(current_digest(lbl) == d for lbl, d in rec["deps"].items()):
+                e = self.get(rec["key"])
+                if e is not None:
+                    return e
+        for tier in self.remotes:
+            recs = _safe(tier, "get_manifest", ukey) or []
+            for rec in reversed(recs):
+                if not isinstance(rec, dict) or not isinstance(rec.get("deps"), dict):
+                    continue
+                if all(current_digest(lbl) == d for lbl, d in rec["deps"].items()):
+                    if entry_key(ukey, rec["deps"]) != rec.get("key"):
+                        continue  # a manifest record that does not hash to its key is ignored
+                    e = self.get(rec["key"])
+                    if e is not None:
+                        self._add_manifest(ukey, rec["deps"], rec["key"])
+                        return e
+        return None
+
+    def get(self, key: str) -> Entry | None:
+        """A verified local entry, fetched through the remote tiers on a local miss; None if nowhere."""
+        self.ensure()
+        d = self.obj_dir(key)
+        if d.is_dir():
+            try:
+                return self.verify(key)
+            except CorruptEntry:
+                pass  # quarantined by verify; fall through to the remotes or a rebuild
+        for tier in self.remotes:
+            got = _safe(tier, "get", key)
+            if not got:
+                continue
+            artifact, meta = got
+            try:
+                self._check(key, artifact, meta, origin=tier.name)
+                if self.verify_remote is not None:
+                    self.verify_remote(artifact, meta)
+            except CorruptEntry as e:
+                _warn(f"refused entry {key[:16]} from {tier.name}: {e.reason}; it will be rebuilt")
+                continue
+            return self._publish_bytes(key, artifact, meta, write_back=False)
+        return None
+
+    def _check(self, key: str, artifact: bytes, meta: dict, origin: str) -> None:
+        if not isinstance(meta, dict) or meta.get("key") != key:
+            raise CorruptEntry(f"entry {key[:16]} from {origin}: metadata names another key "
+                               f"({str(meta.get('key') if isinstance(meta, dict) else meta)[:16]})")
+        want = meta.get("artifact_sha256")
+        got = hashlib.sha256(artifact).hexdigest()
+        if want != got:
+            raise CorruptEntry(f"entry {key[:16]} ({meta.get('name', '?')}) from {origin}: artifact digest "
+                               f"{got[:16]} does not match the recorded {str(want)[:16]}")
+
+    def verify(self, key: str) -> Entry:
+        """Check an entry's metadata and artifact digest. A bad entry is moved aside; raises CorruptEntry."""
+        d = self.obj_dir(key)
+        try:
+            meta = json.loads((d / "meta.json").read_text())
+            artifact = (d / "artifact").read_bytes()
+            self._check(key, artifact, meta, origin="the local cache")
+        except (OSError, ValueError, CorruptEntry) as e:
+            reason = e.reason if isinstance(e, CorruptEntry) else f"unreadable entry {key[:16]}: {e}"
+            self._quarantine(d, reason)
+            raise CorruptEntry(reason, hint="it was moved aside and will be rebuilt") from None
+        return Entry(key, d, meta)
+
+    def read_verified(self, entry: Entry) -> bytes:
+        """The artifact's bytes, checked against the digest; these bytes (not the file) are what gets loaded."""
+        try:
+            data = entry.artifact.read_bytes()
+        except OSError as e:
+            raise CorruptEntry(f"entry {entry.key[:16]} ({entry.name}) vanished: {e}") from None
+        if hashlib.sha256(data).hexdigest() != entry.meta.get("artifact_sha256"):
+            self._quarantine(entry.path, "artifact digest mismatch at load")
+            raise CorruptEntry(f"entry {entry.key[:16]} ({entry.name}) failed its digest check at load; "
+                               "it was moved aside and will be rebuilt")
+        with contextlib.suppress(OSError):
+            os.utime(entry.path)  # last use, for gc
+        return data
+
+    def _quarantine(self, path: Path, reason: str) -> None:
+        dest = self.root / "corrupt" / f"{path.name}.{uuid.uuid4().hex[:8]}"
+        with contextlib.suppress(OSError):
+            os.rename(path, dest)
+            (dest.with_suffix(dest.suffix + ".why") if dest.is_dir() else
+             Path(str(dest) + ".why")).write_text(reason + "\n")
+        _warn(f"cache: {reason}; moved aside to {dest}")
+
+    # --- publish -----------------------------------------------------------------------------------
+    def publish(self, ukey: str, deps: Mapping[str, str], artifact_path: str | os.PathLike,
+                meta: dict[str, Any]) -> Entry:
+        """Publish a compiled artifact atomically, then record the unit's manifest. Caller holds the lock."""
+        key = entry_key(ukey, deps)
+        data = Path(artifact_path).read_bytes()
+        meta = dict(meta, key=key, ukey=ukey, artifact_sha256=hashlib.sha256(data).hexdigest(),
+                    size=len(data), deps_count=len(deps), created=time.time())
+        e = self._publish_bytes(key, data, meta, write_back=True)
+        self._add_manifest(ukey, deps, key)
+        for tier in self.remotes:
+            recs = _safe(tier, "get_manifest", ukey) or []
+            if not any(r.get("key") == key for r in recs if isinstance(r, dict)):
+                _safe(tier, "put_manifest", ukey, (recs + [{"key": key, "deps": dict(deps)}])[-8:])
+        return e
+
+    def _publish_bytes(self, key: str, data: bytes, meta: dict, write_back: bool) -> Entry:
+        self.ensure()
+        final = self.obj_dir(key)
+        tmp = self.root / "tmp" / f"{key[:16]}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir(parents=True)
+            _write_durable(tmp / "artifact", data)
+            _write_durable(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
+            _fsync_dir(tmp)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(tmp, final)
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # someone published the same key first
+            _fsync_dir(final.parent)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(
+                    f"disk full while publishing {meta.get('name', key[:16])} to {self.base}",
+                    hint="free space or run `jitkiln cache gc --max-size SIZE`, then build again; "
+                         "nothing partial was left in the cache") from None
+            raise StoreError(f"could not publish {meta.get('name', key[:16])} to {self.base}: {e}",
+                             hint="check that the cache directory is writable") from None
+        if write_back:
+            for tier in self.remotes:
+                _safe(tier, "put", key, data, meta)
+        return Entry(key, final, meta)
+
+    def _add_manifest(self, ukey: str, deps: Mapping[str, str], key: str) -> None:
+        recs = [r for r in self.read_manifest(ukey) if r.get("key") != key]
+        recs.append({"key": key, "deps": dict(deps)})
+        p = self.manifest_path(ukey)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(f".{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
+        try:
+            _write_durable(tmp, json.dumps(recs[-8:]).encode())
+            os.replace(tmp, p)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(f"disk full while recording the manifest of unit {ukey[:16]}",
+                                hint="free space, then build again") from None
+            raise
+
+    # --- maintenance -------------------------------------------------------------------------------
+    def entries(self) -> Iterator[tuple[str, Path]]:
+        objs = self.root / "objects"
+        if not objs.is_dir():
+            return
+        for sub in sorted(objs.iterdir()):
+            if sub.is_dir():
+                for d in sorted(sub.iterdir()):
+                    yield d.name, d
+
+    def ls(self) -> list[dict]:
+        out = []
+        for key, d in self.entries():
+            try:
+                meta = json.loads((d / "meta.json").read_text())
+            except (OSError, ValueError):
+                meta = {"name": "(unreadable metadata)"}
+            out.append({"key": key, "name": meta.get("name"), "family": meta.get("family"),
+                        "size": meta.get("size"), "compile_s": meta.get("compile_s"),
+                        "peak_rss": meta.get("peak_rss"), "toolchain": meta.get("toolchain"),
+                        "arch": meta.get("arch"), "last_used": d.stat().st_mtime})
+        return out
+
+    def verify_all(self) -> tuple[int, list[str]]:
+        ok, bad = 0, []
+        for key, _ in list(self.entries()):
+            try:
+                self.verify(key)
+                ok += 1
+            except CorruptEntry as e:
+                bad.append(e.reason)
+        return ok, bad
+
+    def size(self) -> int:
+        total = 0
+        for _, d in self.entries():
+            for f in ("artifact", "meta.json"):
+                with contextlib.suppress(OSError):
+                    total += (d / f).stat().st_size
+        return total
+
+    def gc(self, max_bytes: int | None = None, max_age_s: float | None = None) -> list[str]:
+        """Remove entries unused for longer than ``max_age_s``, then least recently used ones until the
+        cache is under ``max_bytes``. Entries are immutable, so a concurrent reader either got its bytes
+        already or sees a miss and rebuilds. Also clears stale temporary files."""
+        self.ensure()
+        now = time.time()
+        items = []
+        for key, d in self.entries():
+            try:
+                st = d.stat()
+                sz = sum((d / f).stat().st_size for f in ("artifact", "meta.json") if (d / f).exists())
+            except OSError:
+                continue
+            items.append((st.st_mtime, key, d, sz))
+        items.sort()
+        removed = []
+        total = sum(i[3] for i in items)
+        for mtime, key, d, sz in items:
+            too_old = max_age_s is not None and now - mtime > max_age_s
+            too_big = max_bytes is not None and total > max_bytes
+            if too_old or too_big:
+                gone = self.root / "tmp" / f"gc-{key[:16]}-{uuid.uuid4().hex[:6]}"
+                try:
+                    os.rename(d, gone)
+                except OSError:
+                    continue
+                shutil.rmtree(gone, ignore_errors=True)
+                total -= sz
+                removed.append(key)
+        for t in (self.root / "tmp").iterdir():
+            with contextlib.suppress(OSError):
+                if now - t.stat().st_mtime > 3600:
+                    shutil.rmtree(t) if t.is_dir() else t.unlink()
+        return removed
+
+    # --- build records ------------------------------------------------------------------------------
+    def records_dir(self) -> Path:
+        self.ensure()
+        return self.root / "builds"
+
+    def recorded_costs(self, ukey: str) -> tuple[float, int] | None:
+        """(compile seconds, peak bytes) last recorded for this unit, from its newest entry."""
+        for rec in reversed(self.read_manifest(ukey)):
+            d = self.obj_dir(rec["key"])
+            try:
+                meta = json.loads((d / "meta.json").read_text())
+                return float(meta["compile_s"]), int(meta.get("peak_rss", 0))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return None
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_warned: set[str] = set()
+
+
+def _warn(msg: str) -> None:
+    import sys
+    print(f"jitkiln: warning: {msg}", file=sys.stderr)
+
+
+def _safe(tier: RemoteTier, method: str, *args):
+    """Call a remote tier; a tier that is down or slow warns once and is skipped (work goes on locally)."""
+    try:
+        return getattr(tier, method)(*args)
+    except Exception as e:  # noqa: BLE001 - any remote failure must not stop a local build
+        tag = f"{tier.name}:{type(e).__name__}"
+        if tag not in _warned:
+            _warned.add(tag)
+            _warn(f"remote cache {tier.name} unavailable ({type(e).__name__}: {e}); continuing locally")
+        return None
