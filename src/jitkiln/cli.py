@@ -316,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
         except ModuleNotFoundError as e:
             if e.name == mod:
                 continue
-            raise
+            # a broken optional extension must not take the core commands down with it
+            print(f"jitkiln: warning: the subcommands of {mod} are unavailable: {e}", file=sys.stderr)
+            continue
         if hasattr(m, "add_cli"):
             m.add_cli(sub)
     return ap

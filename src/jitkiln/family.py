@@ -216,21 +216,19 @@ def register(cls_or_obj):
     return cls_or_obj
 
 
-def _load_builtin() -> None:
-    # Importing the built-in families registers them. Each import is cheap (no toolchain, no torch).
-    from .families import demo  # noqa: F401
-    for mod in ("moe2stage", "ck2stages"):
-        try:
-            __import__(f"jitkiln.families.{mod}")
-        except ModuleNotFoundError as e:  # a family still being written is simply absent
-            if e.name != f"jitkiln.families.{mod}":
-                raise
+BUILTIN = ("demo", "moe2stage", "ck2stages")
+
+
+def _import_builtin(name: str) -> None:
+    # Importing a built-in family's module registers it; each import is cheap (no toolchain, no torch).
+    if name in BUILTIN and name not in _REGISTRY:
+        __import__(f"jitkiln.families.{name}")
 
 
 def get_family(name: str) -> Family:
-    _load_builtin()
+    _import_builtin(name)
     if name not in _REGISTRY:
-        raise UsageError(f"unknown family {name!r}; known families: {', '.join(sorted(_REGISTRY))}")
+        raise UsageError(f"unknown family {name!r}; known families: {', '.join(family_names())}")
     f = _REGISTRY[name]
     if isinstance(f, type):
         f = f()
@@ -239,8 +237,12 @@ def get_family(name: str) -> Family:
 
 
 def family_names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+    for n in BUILTIN:
+        try:
+            _import_builtin(n)
+        except ImportError:
+            pass  # listed by `jitkiln doctor` as unavailable
+    return sorted(set(_REGISTRY) | {n for n in BUILTIN if n in _REGISTRY})
 
 
 def unique(instances: Iterable[Instance]) -> list[Instance]:

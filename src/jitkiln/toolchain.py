@@ -188,6 +188,11 @@ class Nvcc(Toolchain):
 
     @classmethod
     def find(cls) -> "Nvcc":
+        env = os.environ.get("JITKILN_NVCC")
+        if env and not (os.path.isfile(env) and os.access(env, os.X_OK)):
+            raise ToolchainNotFound(f"JITKILN_NVCC={env} is not an executable file",
+                                    hint="point JITKILN_NVCC at nvcc, or unset it to search PATH, CUDA_HOME and "
+                                         "the nvidia-cuda-nvcc wheel")
         tried = []
         for origin, p in cls.candidates():
             if os.path.isfile(p) and os.access(p, os.X_OK):

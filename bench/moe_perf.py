@@ -1,0 +1,247 @@
+"""moe2stage vs peers on one GPU: ms, TFLOP/s, GB/s of weights read, ratios; peers timed in this process.
+
+Peers:
+* ``grouped_mm``: a torch composition -- argsort routing, gather, ``torch._grouped_mm`` (W13), SiLU*up*w,
+  ``torch._grouped_mm`` (W2), ``index_add_`` combine; no host sync, so it is timed as a CUDA graph like jitkiln.
+* ``loop``: per-expert matmul loop (one host sync for the counts, then a matmul pair per non-empty expert);
+  timed eagerly (it cannot be captured).
+
+FLOPs = 6 * routed_rows * inter_dim * hidden (two GEMMs); weight bytes = active experts * 3 * inter_dim * hidden
+* element size (each touched expert's W13 and W2 read once). Timing: median over repeats of CUDA-event-timed
+graph replays (rotating routings drawn up front so no replay reuses one).
+
+    python bench/moe_perf.py --build build/moe [--tokens 1,16,64,512,4096,16384] [--json out.json] [--md out.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "src"))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+from jitkiln.moe import fused_moe  # noqa: E402
+
+SHAPES = {
+    # name: (hidden, inter_dim per rank, local experts, global experts, topk)
+    "kimi-k2 tp8": (7168, 2048 // 8, 384, 384, 8),
+    "kimi-k2 ep8": (7168, 2048, 384 // 8, 384, 8),
+    "qwen3-moe": (4096, 1536, 128, 128, 8),
+}
+TOKENS = (1, 16, 64, 512, 4096, 16384)
+
+
+def routing(T, E_local, E_global, k, dev, gen):
+    ids = torch.rand(T, E_global, device=dev, generator=gen).topk(k, dim=1).indices.to(torch.int32)
+    if E_global != E_local:  # rank 0 of ep: its experts are 0..E_local-1, others' picks become -1
+        ids = torch.where(ids < E_local, ids, torch.full_like(ids, -1))
+    w = torch.softmax(torch.randn(T, k, device=dev, generator=gen), dim=1).float()
+    return ids, w
+
+
+def peer_grouped_mm(x, w13, w2, w, ids, masked):
+    T, H = x.shape
+    E, two_i, _ = w13.shape
+    I = two_i // 2
+    k = ids.shape[1]
+    flat = ids.reshape(-1).long()
+    key = torch.where(flat >= 0, flat, torch.full_like(flat, E))
+    order = torch.argsort(key)
+    counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device).scatter_add_(
+        0, key, torch.ones_like(key, dtype=torch.int32))
+    offs = torch.cumsum(counts[:E], 0, dtype=torch.int32)
+    tok = order // k
+    xs = x.index_select(0, tok)
+    h = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs)
+    a = (torch.nn.functional.silu(h[:, :I]) * h[:, I:]) * w.reshape(-1)[order].to(h.dtype)[:, None]
+    y = torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs)
+    if masked:
+        y = torch.where((key[order] < E)[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+    out = torch.zeros_like(x)
+    out.index_add_(0, tok, y)
+    return out
+
+
+def peer_loop(x, w13, w2, w, ids):
+    E, two_i, _ = w13.shape
+    I = two_i // 2
+    flat = ids.reshape(-1).long()
+    k = ids.shape[1]
+    valid = flat >= 0
+    key = torch.where(valid, flat, torch.full_like(flat, E))
+    order = torch.argsort(key)
+    counts = torch.bincount(key, minlength=E + 1)[:E].tolist()  # the host sync
+    out = torch.zeros_like(x)
+    start = 0
+    wf = w.reshape(-1)
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        sel = order[start:start + n]
+        start += n
+        tok = sel // k
+        h = x[tok] @ w13[e].t()
+        a = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
+        out.index_add_(0, tok, (a @ w2[e].t()) * wf[sel].to(x.dtype)[:, None])
+    return out
+
+
+def time_graph(fn, inputs, reps):
+    """Capture ``fn(i)`` for each prepared input set in one graph each; median ms of replays."""
+    graphs = []
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(len(inputs)):
+            fn(i)  # warm-up outside capture (loads, autotuning, allocator)
+        torch.cuda.synchronize()
+        for i in range(len(inputs)):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn(i)
+            graphs.append(g)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    return _time(lambda j: graphs[j % len(graphs)].replay(), reps)
+
+
+def time_eager(fn, n_inputs, reps):
+    for i in range(n_inputs):
+        fn(i)
+    torch.cuda.synchronize()
+    return _time(lambda j: fn(j % n_inputs), reps)
+
+
+def _time(step, reps):
+    samples = []
+    for r in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        inner = 5
+        a.record()
+        for j in range(inner):
+            step(r * inner + j)
+        b.record()
+        b.synchronize()
+        samples.append(a.elapsed_time(b) / inner)
+    return statistics.median(samples), (max(samples) - min(samples)) / statistics.median(samples)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", default="build/moe")
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--no-loop", action="store_true")
+    ap.add_argument("--json")
+    ap.add_argument("--md")
+    a = ap.parse_args()
+    from moe_build import build
+    mod, _ = build("bf16", a.build, verbose=False)
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(int(time.time()))
+    props = torch.cuda.get_device_properties(dev)
+    # the card's copy bandwidth, measured (bytes read + written)
+    buf = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(buf)
+    ms_copy, _ = _time(lambda j: dst.copy_(buf), 10)
+    copy_bw = 2 * buf.numel() / ms_copy / 1e6  # GB/s
+    del buf, dst
+    rows_out = []
+    print(f"device {props.name}, {props.multi_processor_count} SMs, copy bandwidth {copy_bw:.0f} GB/s", flush=True)
+    for sname in a.shapes.split(","):
+        H, I, E, Eg, k = SHAPES[sname]
+        w13 = (torch.randn(E, 2 * I, H, device=dev, generator=gen) / H ** 0.5).to(torch.bfloat16)
+        w2 = (torch.randn(E, H, I, device=dev, generator=gen) / I ** 0.5).to(torch.bfloat16)
+        ep = Eg // E
+        for T in map(int, a.tokens.split(",")):
+            n_in = 3
+            xs = [torch.randn(T, H, device=dev, generator=gen).to(torch.bfloat16) for _ in range(n_in)]
+            rts = [routing(T, E, Eg, k, dev, gen) for _ in range(n_in)]
+            outs = [torch.empty(T, H, dtype=torch.bfloat16, device=dev) for _ in range(n_in)]
+            rows = sum(int((r[0] >= 0).sum()) for r in rts) / n_in
+            active = sum(int(torch.unique(r[0][r[0] >= 0]).numel()) for r in rts) / n_in
+            flops = 6.0 * rows * I * H
+            wbytes = active * 3 * I * H * 2
+            masked = Eg != E
+            res = {"shape": sname, "tokens": T, "hidden": H, "inter_dim": I, "experts": E, "topk": k, "ep": ep,
+                   "routed_rows": rows, "active_experts": active}
+            sel = mod.fam.select("bf16", {"tokens": T, "hidden": H, "inter_dim": I, "experts": E, "topk": k,
+                                          "ep": ep})
+            res["instances"] = {s: i.name for s, i in sel.items()}
+            jk = lambda i: fused_moe(xs[i], w13, w2, rts[i][1], rts[i][0], out=outs[i], module=mod, ep=ep)  # noqa
+            res["jitkiln_ms"], res["jitkiln_spread"] = time_graph(jk, range(n_in), a.reps)
+            gm = lambda i: peer_grouped_mm(xs[i], w13, w2, rts[i][1], rts[i][0], masked)  # noqa
+            try:
+                res["grouped_mm_ms"], res["grouped_mm_spread"] = time_graph(gm, range(n_in), a.reps)
+            except Exception as e:  # noqa: BLE001
+                res["grouped_mm_error"] = repr(e)[:200]
+            if not a.no_loop and (T <= 4096 or E <= 128):
+                lp = lambda i: peer_loop(xs[i], w13, w2, rts[i][1], rts[i][0])  # noqa
+                res["loop_ms"], res["loop_spread"] = time_eager(lp, n_in, max(3, a.reps // 3))
+            # agreement with the grouped_mm peer (same routing, same inputs)
+            ref = peer_grouped_mm(xs[0], w13, w2, rts[0][1], rts[0][0], masked).double()
+            jo = fused_moe(xs[0], w13, w2, rts[0][1], rts[0][0], module=mod, ep=ep).double()
+            res["rel_diff_vs_grouped_mm"] = ((jo - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+            ms = res["jitkiln_ms"]
+            res["tflops"] = flops / ms / 1e9
+            res["weights_gbs"] = wbytes / ms / 1e6
+            res["weights_bw_frac"] = res["weights_gbs"] / copy_bw
+            peers = [res[p] for p in ("grouped_mm_ms", "loop_ms") if p in res]
+            best = min(peers) if peers else float("nan")
+            res["vs_grouped_mm"] = res.get("grouped_mm_ms", float("nan")) / ms
+            res["vs_loop"] = res.get("loop_ms", float("nan")) / ms
+            res["vs_best_peer"] = best / ms
+            rows_out.append(res)
+            print(f"{sname:12s} T={T:6d} jk {ms:8.3f} ms {res['tflops']:6.1f} TF/s {res['weights_gbs']:7.0f} GB/s"
+                  f" | gmm {res.get('grouped_mm_ms', float('nan')):8.3f} loop {res.get('loop_ms', float('nan')):8.3f}"
+                  f" | x{res['vs_best_peer']:.2f} best peer  diff {res['rel_diff_vs_grouped_mm']:.1e}"
+                  f"  [{sel['stage1'].name[10:]}, {sel['stage2'].name[10:]}]", flush=True)
+            del xs, rts, outs
+        del w13, w2
+        torch.cuda.empty_cache()
+    meta = {"device": props.name, "sms": props.multi_processor_count, "copy_gbs": copy_bw,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "command": " ".join(sys.argv)}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows_out}, f, indent=1)
+    md = markdown(meta, rows_out)
+    print(md)
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write(md)
+
+
+def markdown(meta, rows):
+    bw60 = 0.6 * meta["copy_gbs"]
+    lines = [f"device: {meta['device']} ({meta['sms']} SMs), torch {meta['torch']}, CUDA {meta['cuda']}, "
+             f"measured copy bandwidth {meta['copy_gbs']:.0f} GB/s (60% = {bw60:.0f})", "",
+             "| shape | tokens | jitkiln ms | TFLOP/s | weights GB/s | grouped_mm ms | loop ms | x grouped_mm "
+             "| x loop | target | instances (stage1, stage2) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        T = r["tokens"]
+        miss = []
+        if r["vs_best_peer"] < 1.0:
+            miss.append(f"peer x{r['vs_best_peer']:.2f}")
+        if T >= 4096 and r["tflops"] < 600:
+            miss.append(f"{r['tflops']:.0f}/600 TF")
+        if T <= 64 and r["weights_gbs"] < bw60:
+            miss.append(f"{r['weights_gbs'] / meta['copy_gbs'] * 100:.0f}%/60% bw")
+        tgt = "met" if not miss else "MISSED: " + ", ".join(miss)
+        inst = ", ".join(v.replace("moe2stage_", "") for v in r["instances"].values())
+        lines.append(f"| {r['shape']} | {T} | {r['jitkiln_ms']:.3f} | {r['tflops']:.1f} | {r['weights_gbs']:.0f} | "
+                     f"{r.get('grouped_mm_ms', float('nan')):.3f} | {r.get('loop_ms', float('nan')):.3f} | "
+                     f"{r['vs_grouped_mm']:.2f} | {r['vs_loop']:.2f} | {tgt} | {inst} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
