@@ -185,6 +185,13 @@ class Family(ABC):
                 parts.append(f"{key.name} in {vals[0]}..{vals[-1]} ({len(vals)} values)")
         return "; ".join(parts)
 
+    # --- tier 0 ---------------------------------------------------------------------------------------
+    def fallback(self, variant: str, problem: Problem):
+        """A callable that serves ``problem`` correctly with nothing to compile (e.g. a library kernel the
+        installed framework ships), taking the same arguments as the family's high-level call; or None.
+        The runtime's ``tiered`` policy serves calls with it until every slot's tuned instance is loaded."""
+        return None
+
     # --- build hints --------------------------------------------------------------------------------
     def cost_estimate(self, instance: Instance) -> float:
         """Expected compile seconds on one core when nothing was recorded yet."""

@@ -13,13 +13,22 @@ Policies for a problem whose instance is not loaded:
 * ``error`` (default): raise :class:`~jitkiln.errors.MissingInstance` naming the instance, why it is missing
   and the command that builds it;
 * ``compile``: build that instance now (once, even across processes), load it, and go on;
-* ``background``: build the rest of the plan in a background thread; block only on the instance needed.
+* ``background``: build the rest of the plan in a background thread; block only on the instance needed;
+* ``tiered``: never block: while the instances a problem needs are not all loaded, :meth:`Module.resolve`
+  returns the family's tier-0 fallback (something that needs no long compile) and the plan builds in the
+  background; the moment every slot of the problem is loaded, calls switch to the tuned instances.
+
+The switch is all-or-nothing per problem and never observed half-done: a launcher becomes visible (one dict
+assignment) only after its library is loaded, checked and its ABI set, and a problem resolves to tier 1 only
+when every one of its slots is visible. ``Module.generation`` counts switches, for callers that captured a CUDA
+graph on tier 0 and recapture when it changes.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from .build import Builder
@@ -28,7 +37,7 @@ from .family import Family, Instance, Problem, get_family
 from .plan import Plan, Unit, make_plan, unit_key
 from .store import Entry, Store
 
-POLICIES = ("error", "compile", "background")
+POLICIES = ("error", "compile", "background", "tiered")
 
 
 def dlopen_bytes(data: bytes, label: str) -> ctypes.CDLL:
@@ -46,6 +55,17 @@ def dlopen_bytes(data: bytes, label: str) -> ctypes.CDLL:
     except BaseException:
         os.close(fd)
         raise
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """How one problem is served now: tier 1 (``fns``: the tuned launcher of every slot) or tier 0
+    (``fallback``: the family's no-compile path)."""
+
+    tier: int
+    fns: Mapping[str, Any]
+    fallback: Callable | None
+    generation: int
 
 
 class Module:
@@ -67,6 +87,8 @@ class Module:
         self._bg: threading.Thread | None = None
         self._bg_error: BaseException | None = None
         self.listeners: list[Callable[[Instance], None]] = []
+        self.generation = 0  # bumped after each instance becomes visible
+        self._extra: dict[str, threading.Thread] = {}
 
     # --- loading -------------------------------------------------------------------------------------
     def load_entry(self, instance: Instance, entry: Entry) -> Any:
@@ -90,7 +112,8 @@ class Module:
             fn.argtypes = list(abi.argtypes)
             fn.restype = abi.restype
             self._libs.append(lib)
-            self._fns[instance.digest] = fn
+            self._fns[instance.digest] = fn  # the switch: one assignment, after everything is ready
+            self.generation += 1
         for cb in list(self.listeners):
             cb(instance)
         return fn
@@ -121,6 +144,46 @@ class Module:
         sel = self.family.select(self.variant, problem)
         return {slot: self.launcher(inst, problem) for slot, inst in sel.items()}
 
+    def resolve(self, problem: Problem) -> Resolution:
+        """Tier 1 if every slot's instance is loaded, else (policy ``tiered``, family with a fallback) tier 0
+        while the missing instances build in the background; other policies behave as :meth:`dispatch`."""
+        sel = self.family.select(self.variant, problem)
+        gen = self.generation
+        fns = {}
+        for slot, inst in sel.items():
+            fn = self._fns.get(inst.digest)
+            if fn is None:
+                break
+            fns[slot] = fn
+        else:
+            return Resolution(1, fns, None, gen)
+        fb = self.family.fallback(self.variant, problem) if self.policy == "tiered" else None
+        if fb is None:
+            return Resolution(1, self.dispatch(problem), None, self.generation)
+        self.start_background()
+        for inst in sel.values():
+            if inst.digest not in self._fns and self.plan.unit_for(inst) is None:
+                self._build_extra(inst)
+        return Resolution(0, {}, fb, gen)
+
+    def _build_extra(self, instance: Instance) -> None:
+        """Build an instance outside the plan in the background (tiered policy)."""
+        with self._lock:
+            if instance.digest in self._extra:
+                return
+            unit = self._extra_unit(instance)
+
+            def run() -> None:
+                try:
+                    Builder(self.store, jobs=1, progress=False, executor=self.builder.executor,
+                            on_ready=lambda u, e: self.load_entry(u.instance, e)).build(self.plan, [unit])
+                except BaseException as e:  # noqa: BLE001 - surfaced by wait()
+                    self._bg_error = e
+
+            t = threading.Thread(target=run, name=f"jitkiln-extra-{instance.name}", daemon=True)
+            self._extra[instance.digest] = t
+            t.start()
+
     def launcher(self, instance: Instance, problem: Problem | None = None) -> Any:
         fn = self._fns.get(instance.digest)
         if fn is not None:
@@ -128,7 +191,7 @@ class Module:
         if self.policy == "error":
             raise self.missing(instance, problem)
         unit = self.plan.unit_for(instance) or self._extra_unit(instance)
-        if self.policy == "background":
+        if self.policy in ("background", "tiered"):
             self.start_background()
         with self._lock:
             fn = self._fns.get(instance.digest)
@@ -187,10 +250,11 @@ class Module:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the background build; re-raise its error. True when every planned unit is loaded."""
-        if self._bg is not None:
-            self._bg.join(timeout)
-            if self._bg_error is not None:
-                raise self._bg_error
+        for t in [self._bg, *self._extra.values()]:
+            if t is not None:
+                t.join(timeout)
+        if self._bg_error is not None:
+            raise self._bg_error
         return self.ready
 
 
@@ -199,7 +263,7 @@ def load(family: str | Family, variant: str | None = None, problems: Sequence[Pr
          arch: str | None = None, full: bool = False, progress: bool = False) -> Module:
     """Plan, build what the cache lacks (unless ``build=False``), and load a module.
 
-    With ``policy='background'`` and ``build=True`` the build runs in the background and this returns at
+    With ``policy='background'`` or ``'tiered'`` and ``build=True`` the build runs in the background and this returns at
     once with whatever the cache already had loaded.
     """
     fam = get_family(family) if isinstance(family, str) else family
@@ -209,9 +273,9 @@ def load(family: str | Family, variant: str | None = None, problems: Sequence[Pr
     store = store or Store()
     builder = Builder(store, jobs=jobs, progress=progress)
     mod = Module(plan, store, policy, builder)
-    if build and policy != "background":
+    if build and policy not in ("background", "tiered"):
         builder.build(plan)
     mod.load_available()
-    if build and policy == "background" and not mod.ready:
+    if build and policy in ("background", "tiered") and not mod.ready:
         mod.start_background()
     return mod
