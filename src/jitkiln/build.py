@@ -68,6 +68,7 @@ class UnitResult:
     start: float = 0.0  # seconds since the build started
     end: float = 0.0
     seconds: float = 0.0  # compile seconds (0 for hits)
+    cpu_s: float = 0.0  # compiler CPU seconds (user + system)
     peak_rss: int = 0
     phases: dict[str, float] = field(default_factory=dict)
     urgent: bool = False
@@ -112,7 +113,8 @@ class BuildRecord:
             "compiled": [u.name for u in self.compiled],
             "cache_hits": [u.name for u in self.hits],
             "failed": [u.name for u in self.units if u.status == "failed"],
-            "compiler_cpu_s": round(sum(u.seconds for u in self.compiled), 3),
+            "compile_s_sum": round(sum(u.seconds for u in self.compiled), 3),
+            "compiler_cpu_s": round(sum(u.cpu_s for u in self.compiled), 3),
             "units": [u.__dict__ for u in self.units],
             "unused": [{"name": i.name, "reason": r} for i, r in p.unused],
             "ninja_log": str(self.ninja_log) if self.ninja_log else None,
@@ -375,22 +377,24 @@ class LocalCompile(Executor):
             out = work / "artifact.so"
             log_path = store.log_path(unit.ukey)
             r = tc.compile(str(src), str(out), plan.spec, str(work / "deps.d"), log_path=str(log_path))
-            res.seconds, res.peak_rss, res.phases, res.log = round(r.seconds, 3), r.peak_rss, r.phases, str(log_path)
+            res.seconds, res.cpu_s, res.peak_rss = round(r.seconds, 3), round(r.cpu_s, 3), r.peak_rss
+            res.phases, res.log = r.phases, str(log_path)
             deps = {}
             for p in r.deps:
                 if os.path.realpath(p) == os.path.realpath(src):
                     continue
                 lbl = labels.label(p)
                 deps[lbl] = file_digest(p)
-            meta = unit_meta(plan, unit, r.seconds, r.peak_rss, r.phases)
+            meta = unit_meta(plan, unit, r.seconds, r.peak_rss, r.phases, r.cpu_s)
             return store.publish(unit.ukey, deps, out, meta)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def unit_meta(plan: Plan, unit: Unit, seconds: float, peak_rss: int, phases: dict) -> dict[str, Any]:
+def unit_meta(plan: Plan, unit: Unit, seconds: float, peak_rss: int, phases: dict,
+              cpu_s: float = 0.0) -> dict[str, Any]:
     return {"name": unit.instance.name, "family": plan.family.name, "variant": plan.variant,
             "instance_digest": unit.instance.digest, "params": unit.instance.params(),
-            "symbol": unit.instance.symbol, "compile_s": round(seconds, 3), "peak_rss": peak_rss,
+            "symbol": unit.instance.symbol, "compile_s": round(seconds, 3), "cpu_s": round(cpu_s, 3), "peak_rss": peak_rss,
             "phases": phases, "toolchain": plan.toolchain_fp, "flags": list(plan.spec.flags),
             "arch": plan.spec.arch, "host": os.uname().nodename}

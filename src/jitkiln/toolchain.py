@@ -35,6 +35,7 @@ class CompileResult:
     phases: dict[str, float] = field(default_factory=dict)  # phase -> seconds
     log: str = ""
     command: list[str] = field(default_factory=list)
+    cpu_s: float = 0.0  # user + system CPU seconds of the compiler and the children it waited for
 
 
 _digest_memo: dict[tuple[str, int, int], str] = {}
@@ -56,8 +57,8 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def run_measured(cmd: list[str], cwd: str | None = None, env: dict | None = None,
-                 timeout: float | None = None) -> tuple[int, str, float, int]:
-    """Run ``cmd`` in its own process group; return (exit code, output, wall seconds, peak RSS bytes).
+                 timeout: float | None = None) -> tuple[int, str, float, int, float]:
+    """Run ``cmd`` in its own process group; return (exit code, output, wall s, peak RSS bytes, CPU s).
 
     The exit code is negative for a signal. Peak RSS comes from ``wait4``: the largest resident set of the
     process and the descendants it waited for (nvcc waits for cicc, ptxas, gcc...).
@@ -90,7 +91,7 @@ def run_measured(cmd: list[str], cwd: str | None = None, env: dict | None = None
         p.returncode = os.waitstatus_to_exitcode(status)
         logf.seek(0)
         out = logf.read().decode(errors="replace")
-    return p.returncode, out, time.monotonic() - t0, ru.ru_maxrss * 1024
+    return p.returncode, out, time.monotonic() - t0, ru.ru_maxrss * 1024, ru.ru_utime + ru.ru_stime
 
 
 class Toolchain:
@@ -266,7 +267,7 @@ class Nvcc(Toolchain):
                 timeout: float | None = None) -> CompileResult:
         time_path = deps_path + ".time"
         cmd = self.command(src, out, spec, deps_path, time_path)
-        rc, log, wall, peak = run_measured(cmd, cwd=os.path.dirname(out) or None, timeout=timeout)
+        rc, log, wall, peak, cpu = run_measured(cmd, cwd=os.path.dirname(out) or None, timeout=timeout)
         if log_path:
             Path(log_path).write_text(f"$ {shlex.join(cmd)}\n{log}")
         if rc < 0 or rc in (137, 139):
@@ -283,7 +284,7 @@ class Nvcc(Toolchain):
                 hint=f"the full log is {log_path}" if log_path else "",
                 details=_first_error_lines(log), unit=src, log=log_path or "")
         deps = parse_depfile(Path(deps_path).read_text()) if os.path.exists(deps_path) else []
-        return CompileResult(seconds=wall, peak_rss=peak, deps=deps, phases=parse_nvcc_time(time_path),
+        return CompileResult(seconds=wall, peak_rss=peak, cpu_s=cpu, deps=deps, phases=parse_nvcc_time(time_path),
                              log=log, command=cmd)
 
 
