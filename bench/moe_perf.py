@@ -140,11 +140,17 @@ def main():
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--no-loop", action="store_true")
+    ap.add_argument("--fp8", action="store_true", help="also time the fp8 variant (per-tensor scales)")
+    ap.add_argument("--sweep", default="", help="token counts at which every candidate of each stage is timed")
+    ap.add_argument("--profile", default="", help="shape:tokens,... rows to break down per kernel")
     ap.add_argument("--json")
     ap.add_argument("--md")
     a = ap.parse_args()
-    from moe_build import build
+    from moe_build import ForcedModule, build
     mod, _ = build("bf16", a.build, verbose=False)
+    mod8 = build("fp8", a.build, verbose=False)[0] if a.fp8 else None
+    sweep_tokens = {int(t) for t in a.sweep.split(",") if t}
+    profile_rows = {tuple(r.split(":")) for r in a.profile.split(",") if r}
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(int(time.time()))
     props = torch.cuda.get_device_properties(dev)
@@ -154,13 +160,25 @@ def main():
     ms_copy, _ = _time(lambda j: dst.copy_(buf), 10)
     copy_bw = 2 * buf.numel() / ms_copy / 1e6  # GB/s
     del buf, dst
+    m = torch.randn(8192, 8192, device=dev, generator=gen).to(torch.bfloat16)
+    n = torch.randn(8192, 8192, device=dev, generator=gen).to(torch.bfloat16)
+    ms_mm, _ = _time(lambda j: m @ n, 10)
+    peak_tf = 2 * 8192 ** 3 / ms_mm / 1e9
+    del m, n
     rows_out = []
-    print(f"device {props.name}, {props.multi_processor_count} SMs, copy bandwidth {copy_bw:.0f} GB/s", flush=True)
+    print(f"device {props.name}, {props.multi_processor_count} SMs, copy bandwidth {copy_bw:.0f} GB/s, "
+          f"bf16 8192^3 matmul {peak_tf:.0f} TFLOP/s", flush=True)
     for sname in a.shapes.split(","):
         H, I, E, Eg, k = SHAPES[sname]
         w13 = (torch.randn(E, 2 * I, H, device=dev, generator=gen) / H ** 0.5).to(torch.bfloat16)
         w2 = (torch.randn(E, H, I, device=dev, generator=gen) / I ** 0.5).to(torch.bfloat16)
         ep = Eg // E
+        if mod8 is not None:
+            from moe_check import quantize_fp8
+            q13, s13 = quantize_fp8(w13)
+            q2, s2 = quantize_fp8(w2)
+            a1 = torch.full((1,), 4.0 / 448, device=dev)  # static scales (values are ~N(0,1) here)
+            a2 = torch.full((1,), 1.0 / 448, device=dev)
         for T in map(int, a.tokens.split(",")):
             n_in = 3
             xs = [torch.randn(T, H, device=dev, generator=gen).to(torch.bfloat16) for _ in range(n_in)]
@@ -178,6 +196,37 @@ def main():
             res["instances"] = {s: i.name for s, i in sel.items()}
             jk = lambda i: fused_moe(xs[i], w13, w2, rts[i][1], rts[i][0], out=outs[i], module=mod, ep=ep)  # noqa
             res["jitkiln_ms"], res["jitkiln_spread"] = time_graph(jk, range(n_in), a.reps)
+            if mod8 is not None:
+                j8 = lambda i: fused_moe(xs[i], q13, q2, rts[i][1], rts[i][0], out=outs[i], module=mod8, ep=ep,  # noqa
+                                         a_scale=a1, w13_scale=s13, a2_scale=a2, w2_scale=s2)
+                res["fp8_ms"], _ = time_graph(j8, range(n_in), a.reps)
+                o8 = fused_moe(xs[0], q13, q2, rts[0][1], rts[0][0], module=mod8, ep=ep, a_scale=a1,
+                               w13_scale=s13, a2_scale=a2, w2_scale=s2).double()
+                ob = fused_moe(xs[0], w13, w2, rts[0][1], rts[0][0], module=mod, ep=ep).double()
+                res["fp8_rel_diff_vs_bf16"] = ((o8 - ob).norm() / ob.norm().clamp_min(1e-30)).item()
+            if T in sweep_tokens:
+                res["sweep"] = {}
+                cands = mod.fam.candidates("bf16")
+                for st in (1, 2):
+                    for c in [c for c in cands if c.stage == st]:
+                        pair = (c, sel["stage2"]) if st == 1 else (sel["stage1"], c)
+                        fm = ForcedModule(mod, *pair)
+                        fj = lambda i: fused_moe(xs[i], w13, w2, rts[i][1], rts[i][0], out=outs[i], module=fm)  # noqa
+                        res["sweep"][f"s{st}:{c.name}"] = time_graph(fj, range(n_in), max(5, a.reps // 2))[0]
+                print("   sweep " + "  ".join(f"{k.split(':')[0]}:{k[13:]} {v:.3f}" for k, v in res["sweep"].items()))
+            if (sname.replace(" ", "_"), str(T)) in profile_rows:
+                from torch.profiler import ProfilerActivity, profile
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for i in range(n_in):
+                        jk(i)
+                    torch.cuda.synchronize()
+                kt = {}
+                for ev in prof.events():
+                    if ev.device_type == torch.autograd.DeviceType.CUDA:
+                        nm = ev.name[:60]
+                        kt[nm] = kt.get(nm, 0.0) + ev.device_time / n_in / 1e3
+                res["kernels_ms"] = dict(sorted(kt.items(), key=lambda kv: -kv[1])[:12])
+                print("   kernels: " + "; ".join(f"{k} {v:.3f}" for k, v in res["kernels_ms"].items()))
             gm = lambda i: peer_grouped_mm(xs[i], w13, w2, rts[i][1], rts[i][0], masked)  # noqa
             try:
                 res["grouped_mm_ms"], res["grouped_mm_spread"] = time_graph(gm, range(n_in), a.reps)
@@ -192,6 +241,9 @@ def main():
             res["rel_diff_vs_grouped_mm"] = ((jo - ref).norm() / ref.norm().clamp_min(1e-30)).item()
             ms = res["jitkiln_ms"]
             res["tflops"] = flops / ms / 1e9
+            min_bytes = wbytes + 2 * T * H * 2  # weights once, x read, out written
+            res["floor_ms"] = max(flops / peak_tf / 1e9, min_bytes / copy_bw / 1e6)
+            res["of_floor"] = res["floor_ms"] / ms
             res["weights_gbs"] = wbytes / ms / 1e6
             res["weights_bw_frac"] = res["weights_gbs"] / copy_bw
             peers = [res[p] for p in ("grouped_mm_ms", "loop_ms") if p in res]
@@ -203,11 +255,12 @@ def main():
             print(f"{sname:12s} T={T:6d} jk {ms:8.3f} ms {res['tflops']:6.1f} TF/s {res['weights_gbs']:7.0f} GB/s"
                   f" | gmm {res.get('grouped_mm_ms', float('nan')):8.3f} loop {res.get('loop_ms', float('nan')):8.3f}"
                   f" | x{res['vs_best_peer']:.2f} best peer  diff {res['rel_diff_vs_grouped_mm']:.1e}"
+                  f" floor {res['floor_ms']:.3f} fp8 {res.get('fp8_ms', float('nan')):.3f}"
                   f"  [{sel['stage1'].name[10:]}, {sel['stage2'].name[10:]}]", flush=True)
             del xs, rts, outs
         del w13, w2
         torch.cuda.empty_cache()
-    meta = {"device": props.name, "sms": props.multi_processor_count, "copy_gbs": copy_bw,
+    meta = {"device": props.name, "sms": props.multi_processor_count, "copy_gbs": copy_bw, "peak_tflops": peak_tf,
             "torch": torch.__version__, "cuda": torch.version.cuda, "command": " ".join(sys.argv)}
     if a.json:
         with open(a.json, "w") as f:
@@ -222,10 +275,11 @@ def main():
 def markdown(meta, rows):
     bw60 = 0.6 * meta["copy_gbs"]
     lines = [f"device: {meta['device']} ({meta['sms']} SMs), torch {meta['torch']}, CUDA {meta['cuda']}, "
-             f"measured copy bandwidth {meta['copy_gbs']:.0f} GB/s (60% = {bw60:.0f})", "",
+             f"measured copy bandwidth {meta['copy_gbs']:.0f} GB/s (60% = {bw60:.0f}), "
+             f"bf16 8192^3 matmul {meta.get('peak_tflops', 0):.0f} TFLOP/s", "",
              "| shape | tokens | jitkiln ms | TFLOP/s | weights GB/s | grouped_mm ms | loop ms | x grouped_mm "
-             "| x loop | target | instances (stage1, stage2) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| x loop | floor ms | % of floor | fp8 ms | fp8 x bf16 | target | instances (stage1, stage2) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         T = r["tokens"]
         miss = []
@@ -235,11 +289,15 @@ def markdown(meta, rows):
             miss.append(f"{r['tflops']:.0f}/600 TF")
         if T <= 64 and r["weights_gbs"] < bw60:
             miss.append(f"{r['weights_gbs'] / meta['copy_gbs'] * 100:.0f}%/60% bw")
+        if T >= 4096 and "fp8_ms" in r and r["jitkiln_ms"] / r["fp8_ms"] < 1.4:
+            miss.append(f"fp8 x{r['jitkiln_ms'] / r['fp8_ms']:.2f}/1.4")
         tgt = "met" if not miss else "MISSED: " + ", ".join(miss)
+        f8 = r.get("fp8_ms", float("nan"))
         inst = ", ".join(v.replace("moe2stage_", "") for v in r["instances"].values())
         lines.append(f"| {r['shape']} | {T} | {r['jitkiln_ms']:.3f} | {r['tflops']:.1f} | {r['weights_gbs']:.0f} | "
                      f"{r.get('grouped_mm_ms', float('nan')):.3f} | {r.get('loop_ms', float('nan')):.3f} | "
-                     f"{r['vs_grouped_mm']:.2f} | {r['vs_loop']:.2f} | {tgt} | {inst} |")
+                     f"{r['vs_grouped_mm']:.2f} | {r['vs_loop']:.2f} | {r['floor_ms']:.3f} | "
+                     f"{100 * r['of_floor']:.0f}% | {f8:.3f} | {r['jitkiln_ms'] / f8:.2f} | {tgt} | {inst} |")
     return "\n".join(lines) + "\n"
 
 

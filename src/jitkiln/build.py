@@ -37,6 +37,7 @@ class HeaderLabels:
             tc_root = os.path.dirname(os.path.dirname(os.path.realpath(toolchain.path)))
             roots.append(("tc", tc_root))
         self.roots = sorted(roots, key=lambda r: -len(r[1]))
+        self._memo: dict[str, str | None] = {}  # one look at each header per lookup batch
 
     def label(self, path: str) -> str:
         rp = os.path.realpath(path)
@@ -53,10 +54,12 @@ class HeaderLabels:
         return label
 
     def digest(self, label: str) -> str | None:
-        try:
-            return file_digest(self.path(label))
-        except OSError:
-            return None
+        if label not in self._memo:
+            try:
+                self._memo[label] = file_digest(self.path(label))
+            except OSError:
+                self._memo[label] = None
+        return self._memo[label]
 
 
 @dataclass
@@ -202,8 +205,10 @@ class Builder:
         self.executor = executor
 
     # --- one unit ----------------------------------------------------------------------------------
-    def lookup(self, plan: Plan, unit: Unit) -> Entry | None:
-        labels = HeaderLabels(plan.spec, plan.toolchain)
+    def lookup(self, plan: Plan, unit: Unit, labels: HeaderLabels | None = None) -> Entry | None:
+        """The unit's verified entry, if the cache has one for the headers as they are now. Pass one
+        ``labels`` for a batch of lookups: each header is then read once for the whole batch."""
+        labels = labels or HeaderLabels(plan.spec, plan.toolchain)
         return self.store.lookup(unit.ukey, labels.digest)
 
     def expected(self, plan: Plan, unit: Unit) -> tuple[float, int]:
@@ -249,12 +254,13 @@ class Builder:
         t0, started = time.monotonic(), time.time()
         results: dict[str, UnitResult] = {}
         queue = []
+        labels = HeaderLabels(plan.spec, plan.toolchain)
         for i, u in enumerate(todo):
             exp_s, exp_mem = self.expected(plan, u)
             res = UnitResult(u.instance.name, u.ukey, urgent=u.urgent, expected_s=round(exp_s, 2),
                              slots=list(u.slots))
             results[u.ukey] = res
-            entry = self.lookup(plan, u)
+            entry = self.lookup(plan, u, labels)
             if entry is not None:
                 res.status, res.key = "hit", entry.key
                 if self.on_ready:

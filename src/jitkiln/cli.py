@@ -72,6 +72,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", action="append", metavar="K=V,...", help="a problem shape (repeatable)")
     p.add_argument("--arch", help="target arch (sm_90a, gfx950...)")
     p.add_argument("--full", action="store_true", help="plan every candidate (the full module)")
+    p.add_argument("--aiter-root", help="ck2stages: the AITER tree to plan from (default: $JITKILN_AITER_ROOT, "
+                                        "else the installed amd-aiter)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -79,6 +81,8 @@ def plan_from_args(args, require_toolchain: bool = False):
     from .family import get_family
     from .plan import make_plan
     fam = get_family(args.family)
+    opts = {"aiter_root": args.aiter_root} if getattr(args, "aiter_root", None) else {}
+    fam.configure(arch=args.arch, **opts)
     variant = fam.check_variant(args.variant)
     if args.tp < 1 or args.ep < 1:
         raise UsageError("--tp and --ep must be positive integers")
@@ -114,6 +118,7 @@ def cmd_build(args) -> int:
     from .report import format_text, load_record
     plan = plan_from_args(args, require_toolchain=True)
     store = store_from_args(args)
+    store.ensure()  # an unusable cache is the first thing to say, before any output
     executor = None
     if args.executor == "ray":
         from .ray_executor import RayCompile

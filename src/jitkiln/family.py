@@ -136,6 +136,13 @@ class Family(ABC):
     def compile_spec(self, variant: str, arch: str | None = None) -> CompileSpec:
         """Flags, include directories and target arch for this variant's units."""
 
+    def configure(self, *, arch: str | None = None, **options: Any) -> "Family":
+        """Family-wide options from the command line (e.g. ``aiter_root`` for ck2stages). Families with none
+        refuse any option but ``arch``, which :meth:`compile_spec` takes per call."""
+        if options:
+            raise UsageError(f"family {self.name!r} takes no option {', '.join('--' + k.replace('_', '-') for k in options)}")
+        return self
+
     # --- problems ---------------------------------------------------------------------------------
     def default_problems(self, variant: str) -> list[Problem]:
         """Problems planned when the user names none (the full module for families that have no default)."""

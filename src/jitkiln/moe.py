@@ -168,12 +168,22 @@ def fused_moe(hidden_states, w13, w2, topk_weights, topk_ids, activation: str = 
 
 def reference_moe(hidden_states, w13, w2, topk_weights, topk_ids, activation: str = "silu", *,
                   a_scale=None, w13_scale=None, a2_scale=None, w2_scale=None, dtype=None):
-    """Plain torch reference in float32 (or ``dtype``), per token-expert pair; ids outside [0, E) skipped."""
+    """Plain torch reference in float32 (or ``dtype``), per token-expert pair; ids outside [0, E) skipped.
+
+    fp8: ``w13_scale``/``w2_scale`` dequantize the weights; given ``a_scale``/``a2_scale`` too, the reference
+    also rounds x and the routed, weighted activation to e4m3 the way the kernels do (kernel-exact check).
+    """
     import torch
     dtype = dtype or torch.float32
+
+    def q8(v, s):
+        if s is None:
+            return v
+        s = s.to(dtype)
+        return (v / s).clamp(-448, 448).to(torch.float8_e4m3fn).to(dtype) * s
     E, two_i, H = w13.shape
     I = two_i // 2
-    x = hidden_states.to(dtype)
+    x = q8(hidden_states.to(dtype), a_scale)
     a = w13.to(dtype)
     b = w2.to(dtype)
     if w13_scale is not None:
@@ -186,8 +196,13 @@ def reference_moe(hidden_states, w13, w2, topk_weights, topk_ids, activation: st
         if tok.numel() == 0:
             continue
         h = x[tok] @ a[e].t()
+        if a2_scale is not None:  # the kernels keep stage 1's output in bf16 before quantizing the activation
+            h = h.to(torch.bfloat16).to(dtype)
         g, u = h[:, :I], h[:, I:]
         act = torch.nn.functional.silu(g) if activation == "silu" else torch.nn.functional.gelu(g)
-        y = (act * u) @ b[e].t()
-        out.index_add_(0, tok, y * topk_weights[tok, slot].to(dtype)[:, None])
+        wts = topk_weights[tok, slot].to(dtype)[:, None]
+        if a2_scale is None:
+            out.index_add_(0, tok, ((act * u) @ b[e].t()) * wts)
+        else:  # the kernels apply the routing weight before quantizing stage 2's input
+            out.index_add_(0, tok, q8(act * u * wts, a2_scale) @ b[e].t())
     return out

@@ -88,6 +88,7 @@ class Module:
         self._bg_error: BaseException | None = None
         self.listeners: list[Callable[[Instance], None]] = []
         self.generation = 0  # bumped after each instance becomes visible
+        self.records: list = []  # build records of the builds this module ran (background, on demand)
         self._extra: dict[str, threading.Thread] = {}
 
     # --- loading -------------------------------------------------------------------------------------
@@ -120,10 +121,12 @@ class Module:
 
     def load_available(self) -> int:
         """Load every planned unit the cache already has; return how many are loaded."""
+        from .build import HeaderLabels
+        labels = HeaderLabels(self.plan.spec, self.plan.toolchain)
         for u in self.plan.units:
             if u.instance.digest in self._fns:
                 continue
-            e = self.builder.lookup(self.plan, u)
+            e = self.builder.lookup(self.plan, u, labels)
             if e is not None:
                 try:
                     self.load_entry(u.instance, e)
@@ -175,8 +178,9 @@ class Module:
 
             def run() -> None:
                 try:
-                    Builder(self.store, jobs=1, progress=False, executor=self.builder.executor,
-                            on_ready=lambda u, e: self.load_entry(u.instance, e)).build(self.plan, [unit])
+                    self.records.append(Builder(
+                        self.store, jobs=1, progress=False, executor=self.builder.executor,
+                        on_ready=lambda u, e: self.load_entry(u.instance, e)).build(self.plan, [unit]))
                 except BaseException as e:  # noqa: BLE001 - surfaced by wait()
                     self._bg_error = e
 
@@ -198,6 +202,7 @@ class Module:
         if fn is not None:
             return fn
         rec = self.builder.build(self.plan, [unit])
+        self.records.append(rec)
         entry = self.store.get(rec.units[0].key)
         if entry is None:  # pragma: no cover - just published
             raise MissingInstance(f"{instance.name} was built but cannot be read back from the cache")
@@ -240,7 +245,7 @@ class Module:
                     bld = Builder(self.store, jobs=self.builder.jobs, progress=False,
                                   on_ready=lambda u, e: self.load_entry(u.instance, e),
                                   executor=self.builder.executor)
-                    bld.build(self.plan, todo)
+                    self.records.append(bld.build(self.plan, todo))
                 except BaseException as e:  # noqa: BLE001 - surfaced by wait()
                     self._bg_error = e
 
@@ -274,7 +279,9 @@ def load(family: str | Family, variant: str | None = None, problems: Sequence[Pr
     builder = Builder(store, jobs=jobs, progress=progress)
     mod = Module(plan, store, policy, builder)
     if build and policy not in ("background", "tiered"):
-        builder.build(plan)
+        builder.on_ready = lambda u, e: mod.load_entry(u.instance, e)  # load hits as the build finds them
+        mod.records.append(builder.build(plan))
+        builder.on_ready = None
     mod.load_available()
     if build and policy in ("background", "tiered") and not mod.ready:
         mod.start_background()

@@ -208,14 +208,17 @@ class Nvcc(Toolchain):
     @property
     def version(self) -> str:
         if self._version is None:
-            try:
-                out = subprocess.run([self.path, "--version"], capture_output=True, text=True, timeout=60).stdout
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise ToolchainNotFound(f"nvcc at {self.path} does not run: {e}",
-                                        hint="reinstall the CUDA toolkit or point JITKILN_NVCC at a working nvcc")
-            m = re.search(r"release ([\d.]+), V([\d.]+)", out)
-            self._version = m.group(2) if m else out.strip().splitlines()[-1]
+            self._version = _remembered(f"version:{self.path}", self._query_version)
         return self._version
+
+    def _query_version(self) -> str:
+        try:
+            out = subprocess.run([self.path, "--version"], capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise ToolchainNotFound(f"nvcc at {self.path} does not run: {e}",
+                                    hint="reinstall the CUDA toolkit or point JITKILN_NVCC at a working nvcc")
+        m = re.search(r"release ([\d.]+), V([\d.]+)", out)
+        return m.group(2) if m else out.strip().splitlines()[-1]
 
     def _binaries(self) -> list[str]:
         real = os.path.realpath(self.path)
@@ -318,17 +321,29 @@ def _fp_cache_path() -> Path:
 
 def _cached_binary_digest(path: str) -> str:
     """Digest of a compiler binary, remembered across processes by (path, size, mtime)."""
+    return _remembered(f"sha256:{path}", lambda: file_digest(path))
+
+
+_remembered_memo: dict[str, str] = {}
+
+
+def _remembered(what: str, compute) -> str:
+    """A fact about a binary (its digest, its version), remembered across processes by (path, size, mtime)."""
+    kind, _, path = what.partition(":")
     st = os.stat(path)
-    k = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    k = f"{kind}:{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    if k in _remembered_memo:
+        return _remembered_memo[k]
     cp = _fp_cache_path()
     try:
         memo = json.loads(cp.read_text())
     except (OSError, ValueError):
         memo = {}
     if k in memo and isinstance(memo[k], str):
+        _remembered_memo[k] = memo[k]
         return memo[k]
-    d = file_digest(path)
-    memo[k] = d
+    d = compute()
+    memo[k] = _remembered_memo[k] = d
     try:
         cp.parent.mkdir(parents=True, exist_ok=True)
         tmp = cp.with_suffix(f".{os.getpid()}.tmp")

@@ -59,7 +59,7 @@ def preprocess(text: str, defines=DEFINES) -> str:
 
 
 _TOKEN = re.compile(r'\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<num>\d+)|(?P<id>[A-Za-z_]\w*(?:::\w+)*)|'
-                    r'(?P<op>==|!=|<=|>=|&&|\|\||[-+*/<>!(){};,\[\]=&:.]))')
+                    r'(?P<op>==|!=|<=|>=|&&|\|\||[-+*/%<>!(){};,\[\]=&:.?]))')
 
 
 def tokenize(text: str) -> list[tuple[str, str]]:
@@ -100,7 +100,7 @@ class _Parser:
     def expr(self, tmpl=False):
         return self.binary(0, tmpl)
 
-    _LEVELS = [("||",), ("&&",), ("==", "!="), ("<", "<=", ">", ">="), ("+", "-"), ("*", "/")]
+    _LEVELS = [("||",), ("&&",), ("==", "!="), ("<", "<=", ">", ">="), ("+", "-"), ("*", "/", "%")]
 
     def binary(self, level, tmpl):
         if level == len(self._LEVELS):
@@ -317,7 +317,8 @@ def evaluate(e, env: Env, as_type_ok: bool = False):
         if not (isinstance(a, int) and isinstance(b, int)):
             raise _err(f"arithmetic on non-numbers {a!r} {op} {b!r}")
         return {"<": int(a < b), "<=": int(a <= b), ">": int(a > b), ">=": int(a >= b),
-                "+": a + b, "-": a - b, "*": a * b, "/": a // b if b else 0}[op]
+                "+": a + b, "-": a - b, "*": a * b, "/": a // b if b else 0,
+                "%": a % b if b else 0}[op]
     if k == "targs":
         return ("kernel", e[1], normalize_targs(e[2], env))
     raise _err(f"unsupported expression {e!r}")
@@ -404,3 +405,18 @@ def parse_enum(text: str, name: str) -> dict[str, int]:
             v += 1
         out[f"{name}::{item}"] = v
     return out
+
+
+def used_arithmetically(fn: DispatchFunction, var: str) -> bool:
+    """Whether ``var`` appears inside arithmetic (``inter_dim % 256 == 0``): then its decision regions are not
+    intervals, and only exact values can be enumerated."""
+    def walk(x, in_arith):
+        if isinstance(x, tuple):
+            if x == ("id", var):
+                return in_arith
+            arith = in_arith or (len(x) > 1 and x[0] == "bin" and x[1] in ("+", "-", "*", "/", "%"))
+            return any(walk(y, arith) for y in x)
+        if isinstance(x, list):
+            return any(walk(y, in_arith) for y in x)
+        return False
+    return walk(fn.body, False)

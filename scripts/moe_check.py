@@ -1,0 +1,186 @@
+"""GPU correctness check of every moe2stage instance (run on the H100 machine).
+
+Fresh random inputs every run (seeded from the clock, printed), experts with zero tokens, tokens = 1, uneven
+(skewed) routing, expert-parallel masking (ids of other ranks), output poisoned with NaN before each run.
+Error: ||out - ref|| / ||ref|| against a float64 torch reference on the same bf16 inputs; bf16 passes < 1e-2.
+Every stage-1 candidate is run with the default stage 2 and every stage-2 candidate with the default stage 1.
+
+    python scripts/moe_check.py --build build/moe [--variant bf16] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "src"))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+from moe_build import ForcedModule, build  # noqa: E402
+
+from jitkiln.moe import fused_moe, reference_moe  # noqa: E402
+
+TOL = {"bf16": 1e-2, "fp8": 3e-2}
+# fp8: against a reference that rounds x and the activation to e4m3 like the kernels do (kernel-exact), the
+# error is bf16-level plus the FP8 fast-accumulation schedules' loss (wgmma accumulates fp8 products without
+# periodic promotion to float32) plus rare one-ulp e4m3 flips: measured up to 1.86e-2 at K = 7168
+# (2026 run, seed 63808933) against a first bound of 2e-2 set before that run; raised to 3e-2 after it. Against the unquantized-activation reference ("model" error, reported) two e4m3
+# roundings of RMS 2^-3/sqrt(12) = 3.6 % each give ~sqrt(2) * 3.6 % = 5.1 %: documented bound 8e-2.
+TOL_FP8_MODEL = 8e-2
+
+
+def quantize_fp8(w):
+    """Per-expert e4m3 weights and float32 scales (real = fp8 * scale)."""
+    amax = w.abs().amax(dim=tuple(range(1, w.dim()))).float().clamp_min(1e-12)
+    scale = amax / 448.0
+    q = (w.float() / scale.view(-1, *([1] * (w.dim() - 1)))).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q, scale.contiguous()
+
+
+def fp8_static_scales(x, w13, w2, s13, s2, w, ids):
+    """Static per-tensor activation scales as a calibration would give them (amax / 448)."""
+    a_scale = (x.abs().amax().float() / 448.0).reshape(1)
+    E, two_i, H = w13.shape
+    I = two_i // 2
+    h = x.float() @ (w13.float() * s13.view(E, 1, 1)).reshape(E * two_i, H).t()  # all experts, bound
+    h = h.view(-1, E, two_i)
+    act = torch.nn.functional.silu(h[..., :I]) * h[..., I:]
+    a2 = (act.abs().amax().float() / 448.0).reshape(1)
+    # 1.25x headroom, as a calibration leaves for unseen inputs (values beyond saturate at +-448)
+    return (1.25 * a_scale).contiguous(), (1.25 * a2).contiguous()
+
+
+def make_case(name, T, H, I, E, k, gen, routing="uniform", ep_mask=0.0, variant="bf16"):
+    dev = "cuda"
+    x = torch.randn(T, H, generator=gen, device=dev).to(torch.bfloat16)
+    w13 = (torch.randn(E, 2 * I, H, generator=gen, device=dev) / H ** 0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E, H, I, generator=gen, device=dev) / I ** 0.5).to(torch.bfloat16)
+    if routing == "uniform":
+        scores = torch.rand(T, E, generator=gen, device=dev)
+    else:  # skewed: a few hot experts, half of the experts never picked
+        bias = torch.zeros(E, device=dev)
+        bias[: max(1, E // 8)] = 4.0
+        bias[E // 2:] = -1e9
+        scores = torch.rand(T, E, generator=gen, device=dev) + bias
+    ids = scores.topk(k, dim=1).indices.to(torch.int32)
+    if ep_mask > 0:  # some picks belong to other ranks: ids outside [0, E)
+        m = torch.rand(T, k, generator=gen, device=dev) < ep_mask
+        ids = torch.where(m, ids + E, ids)
+        ids[0, 0] = -1
+    w = torch.softmax(torch.randn(T, k, generator=gen, device=dev), dim=1).float()
+    c = dict(name=name, x=x, w13=w13, w2=w2, ids=ids, w=w, scales={})
+    if variant == "fp8":
+        c["w13"], s13 = quantize_fp8(w13)
+        c["w2"], s2 = quantize_fp8(w2)
+        a1, a2 = fp8_static_scales(x, c["w13"], c["w2"], s13, s2, w, ids)
+        c["scales"] = dict(a_scale=a1, w13_scale=s13, a2_scale=a2, w2_scale=s2)
+    return c
+
+
+def rel_err(out, ref):
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def run_case(c, module, activation="silu"):
+    out = torch.full_like(c["x"], float("nan"))
+    fused_moe(c["x"], c["w13"], c["w2"], c["w"], c["ids"], activation, out=out, module=module, **c["scales"])
+    torch.cuda.synchronize()
+    sc = c["scales"]
+    ref = reference_moe(c["x"], c["w13"], c["w2"], c["w"], c["ids"], activation, dtype=torch.float64, **sc)
+    err = rel_err(out, ref)
+    if sc:
+        model_ref = reference_moe(c["x"], c["w13"], c["w2"], c["w"], c["ids"], activation, dtype=torch.float64,
+                                  w13_scale=sc.get("w13_scale"), w2_scale=sc.get("w2_scale"))
+        merr = rel_err(out, model_ref)
+        MODEL_ERRS.append(merr)
+    return err
+
+
+MODEL_ERRS: list[float] = []
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", default="build/moe")
+    ap.add_argument("--variant", default="bf16")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    seed = int(time.time() * 1e6) % (2 ** 31)
+    print(f"seed {seed}", flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    mod, _ = build(a.variant, a.build, verbose=False)
+    fam = mod.fam
+    cands = fam.candidates(a.variant)
+    s1s = [i for i in cands if i.stage == 1]
+    s2s = [i for i in cands if i.stage == 2]
+    cases = [
+        make_case("kimi-tp8 T=1", 1, 7168, 256, 384, 8, gen, variant=a.variant),
+        make_case("kimi-tp8 T=37 skewed", 37, 7168, 256, 384, 8, gen, routing="skewed", variant=a.variant),
+        make_case("qwen-like T=300 uneven", 300, 2048, 768, 64, 8, gen, routing="skewed", variant=a.variant),
+        make_case("ep-mask T=1000", 1000, 1024, 512, 16, 4, gen, ep_mask=0.6, variant=a.variant),
+        make_case("uniform T=2500", 2500, 1024, 384, 32, 2, gen, variant=a.variant),
+    ]
+    results = []
+    worst = 0.0
+    tol = TOL[a.variant]
+    combos = [(s1, s2s[-1] if s2s else None) for s1 in s1s] + [(s1s[0], s2) for s2 in s2s]
+    for c in cases:
+        for s1, s2 in combos:
+            err = run_case(c, ForcedModule(mod, s1, s2))
+            worst = max(worst, err)
+            ok = err < tol
+            results.append(dict(case=c["name"], stage1=s1.name, stage2=s2.name, rel_err=err, ok=ok))
+            print(f"{'ok ' if ok else 'BAD'} {err:.2e}  {c['name']:26s} {s1.name} + {s2.name}", flush=True)
+        # heuristic dispatch, and gelu
+        for act in ("silu", "gelu"):
+            err = run_case(c, mod, act)
+            worst = max(worst, err)
+            results.append(dict(case=c["name"], stage1="heuristic", stage2=act, rel_err=err, ok=err < tol))
+            print(f"{'ok ' if err < tol else 'BAD'} {err:.2e}  {c['name']:26s} heuristic dispatch, {act}", flush=True)
+    # CUDA graph capture of a full call, replayed on new inputs copied into the captured buffers
+    c = cases[2]
+    out = torch.full_like(c["x"], float("nan"))
+    fused_moe(c["x"], c["w13"], c["w2"], c["w"], c["ids"], out=out, module=mod, **c["scales"])  # warm
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(g):
+            fused_moe(c["x"], c["w13"], c["w2"], c["w"], c["ids"], out=out, module=mod, **c["scales"])
+    torch.cuda.current_stream().wait_stream(s)
+    c2 = make_case("graph replay", 300, 2048, 768, 64, 8, gen)  # new x / routing (bf16 draw; same scales)
+    c["x"].copy_(c2["x"]); c["ids"].copy_(c2["ids"]); c["w"].copy_(c2["w"])
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    ref = reference_moe(c["x"], c["w13"], c["w2"], c["w"], c["ids"], dtype=torch.float64, **c["scales"])
+    err = rel_err(out, ref)
+    worst = max(worst, err)
+    results.append(dict(case="cuda graph replay, new routing", stage1="heuristic", stage2="", rel_err=err,
+                        ok=err < tol))
+    print(f"{'ok ' if err < tol else 'BAD'} {err:.2e}  cuda graph replay with new inputs", flush=True)
+    if MODEL_ERRS:
+        mw = max(MODEL_ERRS)
+        ok = mw < TOL_FP8_MODEL
+        results.append(dict(case="fp8 vs unquantized-activation reference (worst)", stage1="", stage2="",
+                            rel_err=mw, ok=ok))
+        print(f"{'ok ' if ok else 'BAD'} {mw:.2e}  fp8 model error (vs reference without activation "
+              f"quantization), worst of {len(MODEL_ERRS)}; bound {TOL_FP8_MODEL}", flush=True)
+    nbad = sum(not r["ok"] for r in results)
+    print(f"SUMMARY variant={a.variant} checks={len(results)} failed={nbad} worst_rel_err={worst:.3e} "
+          f"tol={tol} seed={seed}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(seed=seed, tol=tol, worst=worst, results=results), f, indent=1)
+    sys.exit(1 if nbad else 0)
+
+
+if __name__ == "__main__":
+    main()
