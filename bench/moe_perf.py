@@ -25,6 +25,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
+
+from jitkiln.moe import torch_moe  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from jitkiln.moe import fused_moe  # noqa: E402
@@ -47,26 +49,8 @@ def routing(T, E_local, E_global, k, dev, gen):
 
 
 def peer_grouped_mm(x, w13, w2, w, ids, masked):
-    T, H = x.shape
-    E, two_i, _ = w13.shape
-    I = two_i // 2
-    k = ids.shape[1]
-    flat = ids.reshape(-1).long()
-    key = torch.where(flat >= 0, flat, torch.full_like(flat, E))
-    order = torch.argsort(key)
-    counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device).scatter_add_(
-        0, key, torch.ones_like(key, dtype=torch.int32))
-    offs = torch.cumsum(counts[:E], 0, dtype=torch.int32)
-    tok = order // k
-    xs = x.index_select(0, tok)
-    h = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs)
-    a = (torch.nn.functional.silu(h[:, :I]) * h[:, I:]) * w.reshape(-1)[order].to(h.dtype)[:, None]
-    y = torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs)
-    if masked:
-        y = torch.where((key[order] < E)[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
-    out = torch.zeros_like(x)
-    out.index_add_(0, tok, y)
-    return out
+    """The torch._grouped_mm composition: jitkiln's own tier 0 (ids outside [0, E) are always masked)."""
+    return torch_moe(x, w13, w2, w, ids)
 
 
 def peer_loop(x, w13, w2, w, ids):
@@ -191,7 +175,7 @@ def main():
             masked = Eg != E
             res = {"shape": sname, "tokens": T, "hidden": H, "inter_dim": I, "experts": E, "topk": k, "ep": ep,
                    "routed_rows": rows, "active_experts": active}
-            sel = mod.fam.select("bf16", {"tokens": T, "hidden": H, "inter_dim": I, "experts": E, "topk": k,
+            sel = mod.family.select("bf16", {"tokens": T, "hidden": H, "inter_dim": I, "experts": E, "topk": k,
                                           "ep": ep})
             res["instances"] = {s: i.name for s, i in sel.items()}
             jk = lambda i: fused_moe(xs[i], w13, w2, rts[i][1], rts[i][0], out=outs[i], module=mod, ep=ep)  # noqa
@@ -206,7 +190,7 @@ def main():
                 res["fp8_rel_diff_vs_bf16"] = ((o8 - ob).norm() / ob.norm().clamp_min(1e-30)).item()
             if T in sweep_tokens:
                 res["sweep"] = {}
-                cands = mod.fam.candidates("bf16")
+                cands = mod.family.candidates("bf16")
                 for st in (1, 2):
                     for c in [c for c in cands if c.stage == st]:
                         pair = (c, sel["stage2"]) if st == 1 else (sel["stage1"], c)

@@ -116,7 +116,7 @@ def main():
     print(f"seed {seed}", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(seed)
     mod, _ = build(a.variant, a.build, verbose=False)
-    fam = mod.fam
+    fam = mod.family
     cands = fam.candidates(a.variant)
     s1s = [i for i in cands if i.stage == 1]
     s2s = [i for i in cands if i.stage == 2]

@@ -12,40 +12,10 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import JitkilnError, UsageError
+from .tokens import parse_tokens
 
 # Modules that may add subcommands through ``add_cli(subparsers)`` (absent ones are skipped).
 EXTENSIONS = ("jitkiln.families.ck2stages", "jitkiln.bundle", "jitkiln.coldstart")
-
-
-def parse_tokens(spec: str | None) -> list[int] | None:
-    """``1-8192`` -> the batch sizes a server captures in that range (powers of two and both ends);
-    ``1,16,64`` -> those; ``512`` -> [512]."""
-    if spec is None:
-        return None
-    out: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
-        try:
-            if m:
-                lo, hi = int(m.group(1)), int(m.group(2))
-                if lo < 1 or hi < lo:
-                    raise ValueError
-                out.update({lo, hi})
-                p = 1
-                while p <= hi:
-                    if p >= lo:
-                        out.add(p)
-                    p *= 2
-            else:
-                v = int(part)
-                if v < 1:
-                    raise ValueError
-                out.add(v)
-        except ValueError:
-            raise UsageError(f"bad --tokens {spec!r}: give a range like 1-8192 or a list like 1,16,64 "
-                             "(positive integers)") from None
-    return sorted(out)
 
 
 def parse_shapes(items: Sequence[str] | None) -> list[dict]:
@@ -87,7 +57,7 @@ def plan_from_args(args, require_toolchain: bool = False):
     if args.tp < 1 or args.ep < 1:
         raise UsageError("--tp and --ep must be positive integers")
     problems = fam.problems(variant, shapes=parse_shapes(args.shape), model=args.model, tp=args.tp, ep=args.ep,
-                            tokens=parse_tokens(args.tokens))
+                            tokens=parse_tokens(args.tokens) if args.tokens else None)
     return make_plan(fam, variant, problems, arch=args.arch, full=args.full, require_toolchain=require_toolchain)
 
 

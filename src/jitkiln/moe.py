@@ -24,7 +24,7 @@ Torch is imported lazily: importing :mod:`jitkiln.moe` needs no torch.
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import LaunchError, UsageError
 
@@ -46,20 +46,23 @@ def problem_of(hidden_states, w13, topk_ids, ep: int = 1) -> dict[str, int]:
             "topk": int(topk_ids.shape[1]), "ep": int(ep)}
 
 
-def _dispatch(variant: str, problem: Mapping[str, int], module=None, policy: str = "compile", cache=None):
-    """{slot: ctypes function} for ``problem``; loads (builds, under ``policy``) through jitkiln.runtime."""
-    if module is not None:
-        return module.dispatch(problem)
+def module_for(variant: str, problems, policy: str = "compile", store=None):
+    """The runtime module serving ``problems`` (one per variant, policy, store and instance set; cached).
+
+    For a server: plan its whole deployment once, e.g. ``module_for("bf16", MoEShape.from_hf_config(...)
+    problems, policy="tiered")``, and pass it to every :func:`fused_moe` call as ``module=``.
+    """
+    from . import runtime  # the engine: plans, builds (per policy), caches and loads the instances
     from .family import get_family
     fam = get_family(FAMILY)
-    sel = fam.select(variant, problem)
-    key = (variant, policy, id(cache)) + tuple(sorted((s, i.digest) for s, i in sel.items()))
+    problems = [dict(p) for p in problems]
+    sel = sorted({i.digest for p in problems for i in fam.select(variant, p).values()})
+    key = (variant, policy, id(store), tuple(sel))
     mod = _modules.get(key)
     if mod is None:
-        from . import runtime  # the engine: plans, builds (policy), caches and loads the instances
-        mod = runtime.load(FAMILY, variant, [dict(problem)], policy=policy, cache=cache)
+        mod = runtime.load(FAMILY, variant, problems, policy=policy, store=store)
         _modules[key] = mod
-    return mod.dispatch(problem)
+    return mod
 
 
 def _ptr(t) -> int | None:
@@ -76,8 +79,13 @@ def _call(fn, name: str, *args) -> None:
 
 def fused_moe(hidden_states, w13, w2, topk_weights, topk_ids, activation: str = "silu", *,
               out=None, a_scale=None, w13_scale=None, a2_scale=None, w2_scale=None, ep: int = 1,
-              module=None, policy: str = "compile", cache=None):
-    """Two-stage fused MoE (see the module docstring for layouts). Returns ``out`` ([T, H] bf16)."""
+              module=None, policy: str = "compile", store=None):
+    """Two-stage fused MoE (see the module docstring for layouts). Returns ``out`` ([T, H] bf16).
+
+    ``module``: a runtime module from :func:`module_for` (else one is made for this shape with ``policy``).
+    Under the ``tiered`` policy a call whose kernels are not loaded yet runs :func:`torch_moe` (tier 0)
+    while they build in the background, and the tuned kernels from the first call after they load.
+    """
     import torch
 
     x = hidden_states
@@ -136,7 +144,15 @@ def fused_moe(hidden_states, w13, w2, topk_weights, topk_ids, activation: str = 
 
     problem = {"tokens": int(T), "hidden": int(H), "inter_dim": int(I), "experts": int(E), "topk": int(k),
                "ep": int(ep)}
-    fns = _dispatch(variant, problem, module=module, policy=policy, cache=cache)
+    mod = module if module is not None else module_for(variant, [problem], policy=policy, store=store)
+    if getattr(mod, "policy", None) == "tiered":
+        r = mod.resolve(problem)
+        if r.tier == 0:  # the tuned kernels are still compiling: the no-compile path, same function
+            return torch_moe(x, w13, w2, topk_weights, topk_ids, activation, out=out, a_scale=a_scale,
+                             w13_scale=w13_scale, a2_scale=a2_scale, w2_scale=w2_scale)
+        fns = r.fns
+    else:
+        fns = mod.dispatch(problem)
     s1, s2 = fns["stage1"], fns["stage2"]
 
     rows = T * k
@@ -164,6 +180,56 @@ def fused_moe(hidden_states, w13, w2, topk_weights, topk_ids, activation: str = 
           sorted_pos.data_ptr(), T, k, E, H, I, _ptr(a2_scale), _ptr(w2_scale), ws.data_ptr(),
           ctypes.byref(ws2), stream)
     return out
+
+
+def torch_moe(hidden_states, w13, w2, topk_weights, topk_ids, activation: str = "silu", *, out=None,
+              a_scale=None, w13_scale=None, a2_scale=None, w2_scale=None):
+    """Tier 0: the same function from what the installed torch ships, with nothing to compile.
+
+    bf16 with ``torch._grouped_mm`` (torch >= 2.8 on Hopper): GPU routing (argsort, per-expert offsets), two
+    grouped GEMMs and an ``index_add_`` combine, with no host sync, so it can be captured in a CUDA graph.
+    Otherwise (fp8, or no grouped GEMM) a per-expert loop, weights dequantized per active expert: correct, slower,
+    and it synchronizes with the host once per call.
+    """
+    import torch
+    F = torch.nn.functional
+    act_fn = F.silu if activation == "silu" else F.gelu
+    x = hidden_states
+    T, H = x.shape
+    E, two_i, _ = w13.shape
+    I = two_i // 2
+    k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1).long()
+    key = torch.where((flat >= 0) & (flat < E), flat, torch.full_like(flat, E))  # skipped picks sort last
+    order = torch.argsort(key, stable=True)
+    tok = order // k
+    if w13.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and x.is_cuda:
+        counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device).scatter_add_(
+            0, key, torch.ones_like(key, dtype=torch.int32))
+        offs = torch.cumsum(counts[:E], 0, dtype=torch.int32)
+        h = torch._grouped_mm(x.index_select(0, tok), w13.transpose(-2, -1), offs=offs)
+        a = act_fn(h[:, :I]) * h[:, I:] * topk_weights.reshape(-1)[order].to(h.dtype)[:, None]
+        y = torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs)
+        y = torch.where((key[order] < E)[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+        res = torch.zeros_like(x) if out is None else out.zero_()
+        return res.index_add_(0, tok, y)
+    res = torch.zeros((T, H), dtype=torch.float32, device=x.device)
+    counts = torch.bincount(key, minlength=E + 1)[:E].tolist()
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        sel = order[start:start + n]
+        start += n
+        t = sel // k
+        a13 = w13[e].float() * (w13_scale[e].float() if w13_scale is not None else 1.0)
+        a2 = w2[e].float() * (w2_scale[e].float() if w2_scale is not None else 1.0)
+        h = x[t].float() @ a13.t()
+        a = act_fn(h[:, :I]) * h[:, I:] * topk_weights.reshape(-1)[sel].float()[:, None]
+        res.index_add_(0, t, a @ a2.t())
+    if out is None:
+        return res.to(torch.bfloat16)
+    return out.copy_(res)
 
 
 def reference_moe(hidden_states, w13, w2, topk_weights, topk_ids, activation: str = "silu", *,

@@ -89,6 +89,7 @@ class Module:
         self.listeners: list[Callable[[Instance], None]] = []
         self.generation = 0  # bumped after each instance becomes visible
         self.records: list = []  # build records of the builds this module ran (background, on demand)
+        self.load_errors: dict[str, str] = {}  # instance digest -> why its cached artifact did not load
         self._extra: dict[str, threading.Thread] = {}
 
     # --- loading -------------------------------------------------------------------------------------
@@ -130,8 +131,8 @@ class Module:
             if e is not None:
                 try:
                     self.load_entry(u.instance, e)
-                except CorruptEntry:
-                    continue  # moved aside; a build will replace it
+                except CorruptEntry as err:
+                    self.load_errors[u.instance.digest] = err.reason  # said by missing(), if it is needed
         return len(self._fns)
 
     def is_loaded(self, instance: Instance) -> bool:
@@ -221,8 +222,10 @@ class Module:
         fam, var = self.family.name, self.variant
         shape = ",".join(f"{k}={v}" for k, v in (problem or {}).items() if not isinstance(v, (list, dict)))
         cmd = f"jitkiln build {fam} --variant {var}" + (f" --shape {shape}" if shape else "")
-        if planned:
-            why = "it is planned but not built yet (or its cache entry was refused)"
+        if instance.digest in self.load_errors:
+            why = f"its cached artifact did not load: {self.load_errors[instance.digest]}"
+        elif planned:
+            why = "it is planned but not built yet"
         else:
             why = (f"this {'full' if self.plan.full else 'reduced'} module was planned for "
                    f"{self.family.describe_problems(self.plan.problems)}, and dispatch picks {instance.name} "

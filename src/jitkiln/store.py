@@ -84,17 +84,23 @@ class RemoteTier:
     def put_manifest(self, ukey: str, records: list[dict]) -> None:
         pass
 
+    def discard(self, key: str) -> None:
+        """Drop an entry the local store refused as corrupt or forged, so nobody fetches it again."""
+
 
 Verifier = Callable[[bytes, dict], None]  # raises CorruptEntry when a remote entry may not be trusted
+# Prepares an entry's metadata for a remote tier (e.g. adds a signature); None: do not write to the tiers.
+RemoteSigner = Callable[[dict], "dict | None"]
 
 
 class Store:
     def __init__(self, root: str | os.PathLike | None = None, remotes: Sequence[RemoteTier] = (),
-                 verify_remote: Verifier | None = None):
+                 verify_remote: Verifier | None = None, sign_remote: RemoteSigner | None = None):
         self.base = Path(root) if root is not None else default_root()
         self.root = self.base / LAYOUT
         self.remotes = list(remotes)
         self.verify_remote = verify_remote
+        self.sign_remote = sign_remote
         self._ready = False
 
     # --- layout ------------------------------------------------------------------------------------
@@ -207,8 +213,13 @@ class Store:
                     self.verify_remote(artifact, meta)
             except CorruptEntry as e:
                 _warn(f"refused entry {key[:16]} from {tier.name}: {e.reason}; it will be rebuilt")
+                if getattr(e, "discard", True):
+                    _safe(tier, "discard", key)
                 continue
-            return self._publish_bytes(key, artifact, meta, write_back=False)
+            e = self._publish_bytes(key, artifact, meta, write_back=False)
+            for earlier in self.remotes[:self.remotes.index(tier)]:  # back-fill the nearer tiers
+                _safe(earlier, "put", key, artifact, meta)
+            return e
         return None
 
     def _check(self, key: str, artifact: bytes, meta: dict, origin: str) -> None:
@@ -257,15 +268,17 @@ class Store:
         _warn(f"cache: {reason}; moved aside to {dest}")
 
     # --- publish -----------------------------------------------------------------------------------
-    def publish(self, ukey: str, deps: Mapping[str, str], artifact_path: str | os.PathLike,
+    def publish(self, ukey: str, deps: Mapping[str, str], artifact_path: str | os.PathLike | bytes,
                 meta: dict[str, Any]) -> Entry:
         """Publish a compiled artifact atomically, then record the unit's manifest. Caller holds the lock."""
         key = entry_key(ukey, deps)
-        data = Path(artifact_path).read_bytes()
+        data = artifact_path if isinstance(artifact_path, bytes) else Path(artifact_path).read_bytes()
         meta = dict(meta, key=key, ukey=ukey, artifact_sha256=hashlib.sha256(data).hexdigest(),
                     size=len(data), deps_count=len(deps), created=time.time())
         e = self._publish_bytes(key, data, meta, write_back=True)
         self._add_manifest(ukey, deps, key)
+        if self.remotes and self.sign_remote is not None and self.sign_remote(meta) is None:
+            return e  # tiers are read-only here (no signing key): no manifest for an entry not written
         for tier in self.remotes:
             recs = _safe(tier, "get_manifest", ukey) or []
             if not any(r.get("key") == key for r in recs if isinstance(r, dict)):
@@ -298,9 +311,11 @@ class Store:
                          "nothing partial was left in the cache") from None
             raise StoreError(f"could not publish {meta.get('name', key[:16])} to {self.base}: {e}",
                              hint="check that the cache directory is writable") from None
-        if write_back:
-            for tier in self.remotes:
-                _safe(tier, "put", key, data, meta)
+        if write_back and self.remotes:
+            remote_meta = self.sign_remote(meta) if self.sign_remote is not None else meta
+            if remote_meta is not None:
+                for tier in self.remotes:
+                    _safe(tier, "put", key, data, remote_meta)
         return Entry(key, final, meta)
 
     def _add_manifest(self, ukey: str, deps: Mapping[str, str], key: str) -> None:
@@ -446,6 +461,8 @@ def _safe(tier: RemoteTier, method: str, *args):
     try:
         return getattr(tier, method)(*args)
     except Exception as e:  # noqa: BLE001 - any remote failure must not stop a local build
+        if getattr(e, "quiet", False):  # a tier skipped after a failure that was already reported
+            return None
         tag = f"{tier.name}:{type(e).__name__}"
         if tag not in _warned:
             _warned.add(tag)

@@ -164,21 +164,7 @@ def parse_shape(text: str) -> dict[str, str]:
     return out
 
 
-def parse_tokens(text: str) -> list[int]:
-    """``1-8192``, ``1,16,256`` or a mix."""
-    toks: list[int] = []
-    try:
-        for part in text.split(","):
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if hi < lo:
-                    raise ValueError
-                toks += range(lo, hi + 1)
-            else:
-                toks.append(int(part))
-    except ValueError:
-        raise UsageError(f"bad --tokens {text!r}: expected a range like 1-8192 or a list like 1,16,256") from None
-    return toks
+from ...tokens import parse_tokens  # noqa: E402  (one definition of --tokens)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,15 +1,15 @@
 """The ``moe2stage`` family: two-stage fused MoE on Hopper from CUTLASS 3.x ptr-array grouped GEMM."""
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Sequence
 
-from ...errors import ToolchainNotFound, UsageError
+from ...errors import UsageError
 from ...family import CompileSpec, Family, Instance, Problem, ShapeKey, register
 from . import heuristic
 from .instances import MoEGemm
 from .shapes import MoEShape
 from .templates import render_unit
+from ...cutlass import cutlass_include_dirs
 
 VARIANTS = {
     # variant -> element dtype of the GEMM operands
@@ -17,26 +17,6 @@ VARIANTS = {
     "fp8": "fp8",  # e4m3, per-tensor activation scale, per-expert weight scale
 }
 
-CUTLASS_HINT = "pip install nvidia-cutlass==4.2.0.0 (or: pip install 'jitkiln[cutlass]')"
-
-
-def cutlass_include_dirs() -> tuple[str, ...]:
-    """CUTLASS/CuTe headers from the PyPI package ``nvidia-cutlass`` (``cutlass_library/source/include``)."""
-    env = os.environ.get("JITKILN_CUTLASS_DIR")
-    roots = []
-    if env:
-        roots.append(env)
-    try:
-        import cutlass_library  # noqa: PLC0415 - only needed to locate headers
-        roots.append(os.path.join(os.path.dirname(cutlass_library.__file__), "source"))
-    except ImportError:
-        pass
-    for root in roots:
-        inc = os.path.join(root, "include")
-        if os.path.isfile(os.path.join(inc, "cutlass", "cutlass.h")):
-            return (inc, os.path.join(root, "tools", "util", "include"))
-    raise ToolchainNotFound("CUTLASS headers not found (the moe2stage family compiles CUTLASS sm90 kernels)",
-                            hint=CUTLASS_HINT + "; or set JITKILN_CUTLASS_DIR to a folder holding include/")
 
 
 @register
@@ -79,10 +59,10 @@ class MoE2Stage(Family):
         return CompileSpec(
             toolchain="nvcc",
             arch="sm_90a",
-            flags=("-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "--expt-extended-lambda",
-                   "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler=-fPIC", "-shared",
+            # the toolchain adds -std=c++17 -O3 -shared -fPIC and -gencode for sm_90a
+            flags=("-DNDEBUG", "--expt-relaxed-constexpr", "--expt-extended-lambda",
                    "-DCUTLASS_ENABLE_TENSOR_CORE_MMA=1", "-Xptxas=-warn-spills"),
-            include_dirs=cutlass_include_dirs(),
+            include_dirs=tuple(cutlass_include_dirs()),
         )
 
     # --- problems ---------------------------------------------------------------------------------
@@ -124,6 +104,11 @@ class MoE2Stage(Family):
                 text += (f"; inter_dim > {heuristic.SMALL_INTER_DIM} everywhere, so the small-inter_dim "
                          "stage-2 kernel is not needed")
         return text
+
+    def fallback(self, variant: str, problem: Problem):
+        """Tier 0 for the ``tiered`` policy: :func:`jitkiln.moe.torch_moe` (torch's grouped GEMM, no compile)."""
+        from ...moe import torch_moe
+        return torch_moe
 
     # --- build hints --------------------------------------------------------------------------------
     def cost_estimate(self, instance: Instance) -> float:

@@ -317,9 +317,9 @@ __global__ void activate_rows(const cutlass::bfloat16_t* __restrict__ h, const i
 }}  // namespace jk
 }}  // namespace
 
-extern "C" const char* jk_name_{digest16}(void) {{ return "{name}"; }}
+extern "C" __attribute__((visibility("default"))) const char* jk_name_{digest16}(void) {{ return "{name}"; }}
 
-extern "C" int {symbol}(const void* x, const int32_t* topk_ids, const float* topk_w, const void* w13,
+extern "C" __attribute__((visibility("default"))) int {symbol}(const void* x, const int32_t* topk_ids, const float* topk_w, const void* w13,
                         void* act_out, int32_t* expert_offsets, int32_t* sorted_pos,
                         int T, int topk, int E, int H, int I, int activation,
                         const float* a_scale, const float* w_scale, const float* a2_scale,
@@ -398,9 +398,9 @@ __global__ void combine_rows(const ElementD* __restrict__ y, const int32_t* __re
 }}  // namespace jk
 }}  // namespace
 
-extern "C" const char* jk_name_{digest16}(void) {{ return "{name}"; }}
+extern "C" __attribute__((visibility("default"))) const char* jk_name_{digest16}(void) {{ return "{name}"; }}
 
-extern "C" int {symbol}(const void* act, const void* w2, void* out, const int32_t* expert_offsets,
+extern "C" __attribute__((visibility("default"))) int {symbol}(const void* act, const void* w2, void* out, const int32_t* expert_offsets,
                         const int32_t* sorted_pos, int T, int topk, int E, int H, int I,
                         const float* a2_scale, const float* w2_scale,
                         void* workspace, size_t* workspace_bytes, void* stream_) {{

@@ -1,0 +1,349 @@
+"""Signed bundles: ``jitkiln prebuild`` writes exactly a plan's instances; ``jitkiln seed`` imports them.
+
+A bundle is an uncompressed tar (artifacts are already dense)::
+
+    manifest.json                  format, family, variant, arch, toolchain, module key, and per instance:
+                                   name, unit key, key, header deps, artifact and meta digests and sizes
+    manifest.sig                   {"key_id", "sig"}: ed25519 over the exact bytes of manifest.json
+    objects/<key>/artifact         the loadable artifact
+    objects/<key>/meta.json        its metadata, itself signed (as entries in the shared tiers are)
+
+``seed`` checks everything before it writes anything: only regular files with the names above (no links,
+no absolute or ``..`` paths, no duplicates, nothing else), the manifest signature by a trusted key, the
+toolchain and arch, every digest and size, every key (recomputed from unit key and deps) and every entry
+signature. Only then are the entries published, each atomically, so a refused bundle leaves the cache
+exactly as it was.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import JitkilnError, UsageError
+from .store import Store, entry_key
+
+FORMAT = "jitkiln-bundle"
+VERSION = 1
+_NAME = re.compile(r"(manifest\.json|manifest\.sig|objects/([0-9a-f]{64})/(artifact|meta\.json))")
+MAX_MANIFEST = 64 << 20
+
+
+class BundleRefused(JitkilnError):
+    exit_code = 8
+
+
+def _signer(path: str | None):
+    from .signing import Signer
+    path = path or os.environ.get("JITKILN_SIGNING_KEY")
+    if not path:
+        raise UsageError("a bundle must be signed, and no signing key was given",
+                         hint="create one with `jitkiln keygen -o ~/.config/jitkiln/signing.key`, then pass "
+                              "--key PATH or set JITKILN_SIGNING_KEY")
+    return Signer.from_file(path)
+
+
+def _trust(extra: list[str] | None, signer_path: str | None = None):
+    from .signing import Signer, TrustStore
+    ts = TrustStore.from_paths(os.environ.get("JITKILN_TRUST_KEYS"))
+    for t in extra or []:
+        for kid, raw in TrustStore.from_paths([t]).keys.items():
+            ts.add(raw, t)
+    sk = signer_path or os.environ.get("JITKILN_SIGNING_KEY")
+    if sk and os.path.exists(sk):
+        s = Signer.from_file(sk)
+        ts.add(s.raw_public, sk)
+    return ts
+
+
+# --- write -------------------------------------------------------------------------------------------------
+def write_bundle(out: str | os.PathLike, plan, store: Store, signer) -> dict[str, Any]:
+    """Write every unit of ``plan`` (all must be in ``store``) into a signed bundle at ``out``."""
+    from .build import HeaderLabels
+    labels = HeaderLabels(plan.spec, plan.toolchain)
+    entries, files = [], []
+    for u in plan.units:
+        e = store.lookup(u.ukey, labels.digest)
+        if e is None:
+            raise JitkilnError(f"{u.instance.name} is not in the cache after the build",
+                               hint="run the build again; see `jitkiln report`")
+        data = store.read_verified(e)
+        deps = next((r["deps"] for r in reversed(store.read_manifest(u.ukey)) if r.get("key") == e.key), None)
+        if deps is None:
+            raise JitkilnError(f"the cache has no manifest record for {u.instance.name}",
+                               hint="run the build again to record it")
+        meta = signer.sign_meta(dict(e.meta))
+        meta_bytes = json.dumps(meta, indent=1, sort_keys=True).encode()
+        entries.append({"name": u.instance.name, "ukey": u.ukey, "key": e.key, "deps": deps,
+                        "artifact_sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+                        "meta_sha256": hashlib.sha256(meta_bytes).hexdigest(), "meta_size": len(meta_bytes)})
+        files.append((f"objects/{e.key}/artifact", data))
+        files.append((f"objects/{e.key}/meta.json", meta_bytes))
+    manifest = {"format": FORMAT, "version": VERSION, "family": plan.family.name, "variant": plan.variant,
+                "arch": plan.spec.arch, "toolchain": plan.toolchain_fp, "module_key": plan.module_key,
+                "created": time.time(), "host": os.uname().nodename, "instances": entries}
+    mbytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    sig = json.dumps(signer.sign_bytes(mbytes)).encode()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
+            for name, data in [("manifest.json", mbytes), ("manifest.sig", sig)] + files:
+                ti = tarfile.TarInfo(name)
+                ti.size, ti.mode, ti.mtime = len(data), 0o644, int(manifest["created"])
+                tf.addfile(ti, io.BytesIO(data))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return manifest
+
+
+# --- read and check ------------------------------------------------------------------------------------------
+def read_bundle(path: str | os.PathLike, trust, precheck=None) -> tuple[dict, dict[str, tuple[bytes, dict]]]:
+    """Open and fully verify a bundle: (manifest, {key: (artifact, meta)}). Raises BundleRefused."""
+    path = Path(path)
+    what = f"bundle {path}"
+    try:
+        tf = tarfile.open(path, "r:")
+    except FileNotFoundError:
+        raise UsageError(f"{what} does not exist") from None
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise BundleRefused(f"{what} is not a readable bundle ({e})",
+                            hint="it may be truncated or not a bundle at all: copy it again") from None
+    blobs: dict[str, bytes] = {}
+    try:
+        with tf:
+            for m in tf:
+                name = m.name
+                if not m.isfile():
+                    kind = "a symbolic link" if m.issym() else "a hard link" if m.islnk() else \
+                        "a directory" if m.isdir() else "a special file"
+                    raise BundleRefused(f"{what} contains {kind}, {name!r}; bundles hold regular files only",
+                                        hint="do not seed it: rebuild it with `jitkiln prebuild`")
+                if name.startswith("/") or ".." in name.split("/") or "\\" in name or not _NAME.fullmatch(name):
+                    raise BundleRefused(f"{what} contains an unexpected path {name!r} (absolute, '..', or not "
+                                        "a bundle file)",
+                                        hint="do not seed it: rebuild it with `jitkiln prebuild`")
+                if name in blobs:
+                    raise BundleRefused(f"{what} contains {name!r} twice", hint="rebuild it with `jitkiln prebuild`")
+                if name.startswith("manifest") and m.size > MAX_MANIFEST:
+                    raise BundleRefused(f"{what}: {name} is implausibly large ({m.size} bytes)")
+                f = tf.extractfile(m)
+                data = f.read() if f is not None else b""
+                if len(data) != m.size:
+                    raise BundleRefused(f"{what} is truncated (in {name})", hint="copy it again")
+                blobs[name] = data
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise BundleRefused(f"{what} is truncated or damaged ({type(e).__name__}: {e})",
+                            hint="copy it again (compare its size and sha256 with the original)") from None
+    if "manifest.json" not in blobs:
+        raise BundleRefused(f"{what} has no manifest.json", hint="it is not a jitkiln bundle, or it is truncated")
+    if "manifest.sig" not in blobs:
+        raise BundleRefused(f"{what} is not signed (no manifest.sig)",
+                            hint="bundles must be written by `jitkiln prebuild --key ...`")
+    try:
+        sig = json.loads(blobs["manifest.sig"])
+    except ValueError:
+        raise BundleRefused(f"{what}: manifest.sig is not valid JSON") from None
+    from .signing import SignatureError
+    try:
+        signer_id = trust.verify_bytes(blobs["manifest.json"], sig, f"{what}: its manifest")
+    except SignatureError as e:
+        raise BundleRefused(e.reason, hint=e.hint) from None
+    try:
+        manifest = json.loads(blobs["manifest.json"])
+    except ValueError:
+        raise BundleRefused(f"{what}: manifest.json is not valid JSON") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise BundleRefused(f"{what} has format {manifest.get('format')} v{manifest.get('version')}; this jitkiln "
+                            f"reads {FORMAT} v{VERSION}", hint="seed it with the jitkiln version that wrote it")
+    if precheck is not None:
+        precheck(manifest)  # toolchain and arch: before the per-entry checks, the most actionable refusal
+    out: dict[str, tuple[bytes, dict]] = {}
+    listed = {"manifest.json", "manifest.sig"}
+    for ent in manifest.get("instances", []):
+        key, name = str(ent.get("key")), ent.get("name", "?")
+        if entry_key(str(ent.get("ukey")), ent.get("deps") or {}) != key:
+            raise BundleRefused(f"{what}: {name}: key does not match its unit key and header deps")
+        art_n, meta_n = f"objects/{key}/artifact", f"objects/{key}/meta.json"
+        listed |= {art_n, meta_n}
+        if art_n not in blobs or meta_n not in blobs:
+            raise BundleRefused(f"{what}: {name}: files missing from the archive", hint="it may be truncated")
+        art, mb = blobs[art_n], blobs[meta_n]
+        if len(art) != ent.get("size") or hashlib.sha256(art).hexdigest() != ent.get("artifact_sha256"):
+            raise BundleRefused(f"{what}: {name}: the artifact does not match its signed digest (tampered or "
+                                "damaged)", hint="do not use this bundle; rebuild it with `jitkiln prebuild`")
+        if hashlib.sha256(mb).hexdigest() != ent.get("meta_sha256"):
+            raise BundleRefused(f"{what}: {name}: the metadata does not match its signed digest (tampered)",
+                                hint="do not use this bundle; rebuild it with `jitkiln prebuild`")
+        meta = json.loads(mb)
+        if meta.get("key") != key or meta.get("toolchain") != manifest.get("toolchain") or \
+                meta.get("arch") != manifest.get("arch"):
+            raise BundleRefused(f"{what}: {name}: metadata disagrees with the manifest (key, toolchain or arch)",
+                                hint="do not use this bundle; rebuild it with `jitkiln prebuild`")
+        try:
+            trust.verify_meta(art, meta)
+        except JitkilnError as e:
+            raise BundleRefused(f"{what}: {name}: {e.reason}", hint=e.hint) from None
+        out[key] = (art, meta)
+    extra = sorted(set(blobs) - listed)
+    if extra:
+        raise BundleRefused(f"{what} contains files its manifest does not list: {', '.join(extra[:3])}",
+                            hint="do not use this bundle; rebuild it with `jitkiln prebuild`")
+    manifest["_signer"] = signer_id
+    return manifest, out
+
+
+def _local_arch() -> str | None:
+    import shutil
+    import subprocess
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        cc = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                            text=True, timeout=20).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return f"sm_{cc[0].replace('.', '')}" if cc else None
+
+
+def seed(path: str | os.PathLike, store: Store, trust, arch: str | None = None) -> dict[str, Any]:
+    """Verify a bundle completely, check toolchain and arch, then publish its entries into ``store``."""
+    from .build import HeaderLabels
+    from .family import get_family
+    from .plan import toolchain_for
+    found: dict[str, Any] = {}
+
+    def precheck(manifest: dict) -> None:
+        try:
+            fam = get_family(str(manifest.get("family")))
+            spec = fam.compile_spec(manifest.get("variant"), manifest.get("arch"))
+        except JitkilnError as e:
+            raise BundleRefused(f"bundle {path} is for {manifest.get('family')}/{manifest.get('variant')}, which "
+                                f"this jitkiln cannot plan: {e.reason}", hint="seed it with a matching jitkiln") from None
+        tc, fp = toolchain_for(spec, required=False)
+        if fp != manifest.get("toolchain"):
+            raise BundleRefused(f"bundle {path} was built with toolchain {manifest.get('toolchain')}; this machine "
+                                f"has {fp}", hint="its entries would never be used here: rebuild the bundle with this "
+                                                  "machine's compiler (`jitkiln prebuild` here), or install the same one")
+        want = arch or os.environ.get("JITKILN_ARCH") or _local_arch()
+        if want is None:
+            print(f"jitkiln: note: no GPU found and no --arch given: not checking the bundle's arch "
+                  f"({manifest.get('arch')})", file=sys.stderr)
+        elif not (manifest.get("arch") == want or str(manifest.get("arch")).rstrip("af") == want.rstrip("af")):
+            raise BundleRefused(f"bundle {path} targets {manifest.get('arch')}, this machine {want}",
+                                hint="rebuild the bundle with --arch " + want)
+        found.update(spec=spec, tc=tc)
+
+    manifest, entries = read_bundle(path, trust, precheck)
+    spec, tc = found["spec"], found["tc"]
+    labels = HeaderLabels(spec, tc)
+    store.ensure()
+    new, present, stale = [], [], []
+    for ent in manifest["instances"]:
+        if any(labels.digest(lbl) != d for lbl, d in ent["deps"].items()):
+            stale.append(ent["name"])
+    for ent in manifest["instances"]:
+        key = ent["key"]
+        art, meta = entries[key]
+        with store.lock(ent["ukey"], f"seed {ent['name']}"):
+            if store.obj_dir(key).is_dir():
+                present.append(ent["name"])
+            else:
+                store._publish_bytes(key, art, meta, write_back=False)
+                new.append(ent["name"])
+            store._add_manifest(ent["ukey"], ent["deps"], key)
+    return {"bundle": str(path), "family": manifest["family"], "variant": manifest["variant"],
+            "arch": manifest["arch"], "toolchain": manifest["toolchain"], "signer": manifest["_signer"],
+            "seeded": new, "already_present": present, "header_mismatch": stale, "cache": str(store.base)}
+
+
+# --- CLI -----------------------------------------------------------------------------------------------------
+def _store(args) -> Store:
+    from .cli import store_from_args
+    return store_from_args(args)
+
+
+def cmd_prebuild(args) -> int:
+    from .build import Builder
+    from .cli import plan_from_args
+    signer = _signer(args.key)
+    plan = plan_from_args(args, require_toolchain=True)
+    store = _store(args)
+    executor = None
+    if getattr(args, "executor", "local") == "ray":
+        from .ray_executor import RayCompile
+        executor = RayCompile(address=args.ray_address)
+    Builder(store, jobs=args.jobs, progress=not args.json, executor=executor).build(plan)
+    manifest = write_bundle(args.output, plan, store, signer)
+    size = Path(args.output).stat().st_size
+    if args.json:
+        print(json.dumps({"bundle": args.output, "instances": [e["name"] for e in manifest["instances"]],
+                          "toolchain": manifest["toolchain"], "arch": manifest["arch"], "bytes": size,
+                          "key_id": signer.key_id}))
+    else:
+        print(f"wrote {args.output}: {len(manifest['instances'])} instances, {size / 2**20:.1f} MB, "
+              f"{manifest['arch']}, {manifest['toolchain']}, signed by key {signer.key_id}")
+    return 0
+
+
+def cmd_seed(args) -> int:
+    trust = _trust(args.trust)
+    if not trust:
+        raise UsageError("no trusted key to check the bundle's signature with",
+                         hint="pass --trust BUILDER.pub or set JITKILN_TRUST_KEYS (see docs/fleet.md)")
+    r = seed(args.bundle, _store(args), trust, arch=args.arch)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"seeded {len(r['seeded'])} instances ({len(r['already_present'])} already present) from "
+              f"{args.bundle} into {r['cache']} ({r['family']} {r['variant']} {r['arch']}, signed by {r['signer']})")
+        if r["header_mismatch"]:
+            print(f"warning: {len(r['header_mismatch'])} instances were built against headers that differ from "
+                  f"this machine's and will not be used: {', '.join(r['header_mismatch'][:4])}", file=sys.stderr)
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from .signing import generate_keypair
+    priv, pub, kid = generate_keypair(args.output, comment=args.comment or "", force=args.force)
+    print(f"private key {priv} (keep it secret: builders set JITKILN_SIGNING_KEY={priv})\n"
+          f"public key  {pub} (key id {kid}: copy it to every machine and add it to JITKILN_TRUST_KEYS)")
+    return 0
+
+
+def add_cli(sub) -> None:
+    from .cli import add_plan_args
+    p = sub.add_parser("prebuild", help="build exactly a plan's instances and write a signed bundle")
+    add_plan_args(p)
+    p.add_argument("-o", "--output", required=True, help="the bundle to write (e.g. kimi.bundle)")
+    p.add_argument("--key", help="signing key (default $JITKILN_SIGNING_KEY)")
+    p.add_argument("--jobs", "-j", type=int, help="parallel compiles")
+    p.add_argument("--cache-dir", help="cache root (default $JITKILN_CACHE_DIR or ~/.cache/jitkiln)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local", help="where units compile")
+    p.add_argument("--ray-address", help="Ray cluster address (default $RAY_ADDRESS)")
+    p.set_defaults(fn=cmd_prebuild)
+
+    p = sub.add_parser("seed", help="import a signed bundle into the cache (refused unless fully verified)")
+    p.add_argument("bundle")
+    p.add_argument("--trust", action="append", metavar="PUB", help="a trusted public key file or directory "
+                   "(repeatable; added to $JITKILN_TRUST_KEYS)")
+    p.add_argument("--arch", help="this machine's arch (default: the GPU's; the bundle must match)")
+    p.add_argument("--cache-dir", help="cache root (default $JITKILN_CACHE_DIR or ~/.cache/jitkiln)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_seed)
+
+    p = sub.add_parser("keygen", help="create an ed25519 key pair for signing shared entries and bundles")
+    p.add_argument("-o", "--output", required=True, help="private key path (the public key goes to PATH.pub)")
+    p.add_argument("--comment", help="a comment in the public key (default user@host)")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.set_defaults(fn=cmd_keygen)

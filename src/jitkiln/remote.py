@@ -1,0 +1,462 @@
+"""Shared cache tiers behind the local store: a shared directory (NFS-like) and Redis.
+
+Order of lookup: local cache -> shared directory -> Redis. A hit in a farther tier is verified (digest and
+ed25519 signature, see :mod:`jitkiln.signing`) before it is published locally, and copied into the nearer
+tiers. A unit compiled here is published locally first, then written back, signed, to every tier.
+
+Namespacing: entries live under the toolchain fingerprint and arch that built them, so an old compiler's
+entries can be dropped as a whole (``SCAN MATCH jitkiln:v1:<toolchain>:*`` or ``rm -r <dir>/v1/ns/<ns>``).
+
+Failure model: a tier that is down or slow costs one short timeout, one warning, and then it is skipped for
+``retry_s`` seconds (a circuit breaker); the build goes on with the local cache. Nothing a tier returns is
+trusted: the store verifies it, and refused entries are discarded from the tier and rebuilt.
+
+Environment (read by :func:`store_from_env`):
+
+=========================== =========================================================================
+``JITKILN_CACHE_DIR``       local cache root (default ``~/.cache/jitkiln``)
+``JITKILN_SHARED_DIR``      a directory every machine mounts (NFS, ...): the shared-directory tier
+``JITKILN_SHARED_MAX_SIZE`` its size limit (e.g. ``200G``; least recently used entries go first)
+``JITKILN_REDIS_URL``       ``redis://host:6379/0`` (``rediss://`` for TLS): the Redis tier
+``JITKILN_REDIS_TTL``       seconds an entry lives in Redis after its last use (default 30 days)
+``JITKILN_REDIS_MAX_ENTRY`` largest artifact written to Redis (default ``256M``)
+``JITKILN_SIGNING_KEY``     private key (``jitkiln keygen``) that signs what this machine writes
+``JITKILN_TRUST_KEYS``      ``:``-separated ``.pub`` files or directories: whose entries are accepted
+=========================== =========================================================================
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .errors import JitkilnError, UsageError
+from .store import RemoteTier, Store, _fsync_dir, _write_durable
+
+NS_VERSION = "v1"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class TierDown(JitkilnError):
+    """A tier failed recently; it is skipped until its retry time."""
+
+    quiet = True  # the failure that tripped the breaker was reported; skipping is silent
+
+
+def _ns(meta: dict) -> str:
+    """The namespace of an entry: toolchain fingerprint and arch, safe for file names and Redis keys."""
+    raw = f"{meta.get('toolchain') or 'unknown'}:{meta.get('arch') or 'unknown'}"
+    return re.sub(r"[^A-Za-z0-9._:+-]", "_", raw)
+
+
+def _check_key(key: str) -> str:
+    if not _HEX64.fullmatch(key or ""):
+        raise ValueError(f"not a cache key: {key!r}")
+    return key
+
+
+def _note(msg: str) -> None:
+    print(f"jitkiln: note: {msg}", file=sys.stderr)
+
+
+class _Breaker:
+    """After a failure, refuse calls for ``retry_s`` seconds so a dead tier costs one timeout, not one per unit."""
+
+    def __init__(self, name: str, retry_s: float):
+        self.name, self.retry_s = name, retry_s
+        self.down_until = 0.0
+        self.lock = threading.Lock()
+
+    def check(self) -> None:
+        if time.monotonic() < self.down_until:
+            raise TierDown(f"{self.name} is skipped after a recent failure (retrying in "
+                           f"{self.down_until - time.monotonic():.0f} s)")
+
+    def trip(self) -> None:
+        with self.lock:
+            self.down_until = time.monotonic() + self.retry_s
+
+
+# --- shared directory --------------------------------------------------------------------------------------
+class SharedDirTier(RemoteTier):
+    """A directory shared by many machines (NFS, a cluster filesystem). No locks across machines: an entry
+    is written into ``tmp/`` and renamed into place complete (rename is atomic on NFS too); the first writer
+    wins and later ones discard their copy. Manifest records are one file each, so writers never lose each
+    other's records. Layout::
+
+        <dir>/v1/ns/<toolchain:arch>/obj/<ab>/<key>/{artifact,meta.json}
+        <dir>/v1/manifests/<ab>/<ukey>/<key>.json
+        <dir>/v1/tmp/
+    """
+
+    name = "shared-dir"
+
+    def __init__(self, path: str | os.PathLike, max_bytes: int | None = None,
+                 max_entry_bytes: int | None = None, retry_s: float = 30.0):
+        self.base = Path(path)
+        self.root = self.base / NS_VERSION
+        self.max_bytes = max_bytes
+        self.max_entry_bytes = max_entry_bytes
+        self.name = f"shared-dir {self.base}"
+        self.breaker = _Breaker(self.name, retry_s)
+        self._last_gc = 0.0
+        self._skipped_big = False
+
+    def _guard(self, fn, *a):
+        self.breaker.check()
+        try:
+            return fn(*a)
+        except OSError as e:
+            if e.errno in (errno.ENOENT,):
+                raise
+            self.breaker.trip()
+            raise
+
+    def _candidates(self, key: str) -> list[Path]:
+        ns_root = self.root / "ns"
+        try:
+            spaces = sorted(os.listdir(ns_root))
+        except FileNotFoundError:
+            return []
+        return [ns_root / ns / "obj" / key[:2] / key for ns in spaces]
+
+    def get(self, key: str) -> tuple[bytes, dict] | None:
+        _check_key(key)
+        self.breaker.check()
+        try:
+            for d in self._candidates(key):
+                try:
+                    meta = json.loads((d / "meta.json").read_bytes())
+                    data = (d / "artifact").read_bytes()
+                except FileNotFoundError:
+                    continue
+                except ValueError:
+                    return b"", {"key": "(unreadable metadata)"}  # the store refuses it, and discards it
+                with contextlib.suppress(OSError):
+                    os.utime(d)  # last use, for gc
+                return data, meta
+        except OSError:
+            self.breaker.trip()
+            raise
+        return None
+
+    def put(self, key: str, artifact: bytes, meta: dict) -> None:
+        _check_key(key)
+        self.breaker.check()
+        if self.max_entry_bytes is not None and len(artifact) > self.max_entry_bytes:
+            if not self._skipped_big:
+                self._skipped_big = True
+                _note(f"{meta.get('name', key[:16])} ({len(artifact) >> 20} MB) is over the {self.name} entry "
+                      "limit; such entries stay local")
+            return
+        final = self.root / "ns" / _ns(meta) / "obj" / key[:2] / key
+        if final.is_dir():
+            return
+        tmp = self.root / "tmp" / f"{key[:16]}.{os.uname().nodename}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir(parents=True)
+            _write_durable(tmp / "artifact", artifact)
+            _write_durable(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
+            _fsync_dir(tmp)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(tmp, final)
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+            else:
+                _fsync_dir(final.parent)
+        except OSError:
+            self.breaker.trip()
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._maybe_gc()
+
+    def discard(self, key: str) -> None:
+        _check_key(key)
+        for d in self._candidates(key):
+            if d.is_dir():
+                gone = self.root / "tmp" / f"discard-{key[:16]}-{uuid.uuid4().hex[:8]}"
+                with contextlib.suppress(OSError):
+                    os.rename(d, gone)
+                    shutil.rmtree(gone, ignore_errors=True)
+
+    def get_manifest(self, ukey: str) -> list[dict]:
+        _check_key(ukey)
+        self.breaker.check()
+        d = self.root / "manifests" / ukey[:2] / ukey
+        try:
+            names = sorted(os.listdir(d), key=lambda n: (d / n).stat().st_mtime if (d / n).exists() else 0)
+        except FileNotFoundError:
+            return []
+        except OSError:
+            self.breaker.trip()
+            raise
+        recs = []
+        for n in names:
+            if not n.endswith(".json"):
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                rec = json.loads((d / n).read_bytes())
+                if isinstance(rec, dict) and rec.get("key") == n[:-5]:
+                    recs.append(rec)
+        return recs
+
+    def put_manifest(self, ukey: str, records: list[dict]) -> None:
+        _check_key(ukey)
+        self.breaker.check()
+        d = self.root / "manifests" / ukey[:2] / ukey
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            for rec in records:
+                key = _check_key(str(rec.get("key")))
+                p = d / f"{key}.json"
+                if p.exists():
+                    continue
+                tmp = d / f".{key[:16]}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp"
+                _write_durable(tmp, json.dumps({"key": key, "deps": rec.get("deps", {})}).encode())
+                os.replace(tmp, p)
+        except OSError:
+            self.breaker.trip()
+            raise
+
+    # size limit: least recently used entries go first; stale temporary directories are cleared
+    def gc(self, max_bytes: int | None = None) -> list[str]:
+        max_bytes = self.max_bytes if max_bytes is None else max_bytes
+        items, total = [], 0
+        for ns_obj in (self.root / "ns").glob("*/obj"):
+            for d in ns_obj.glob("??/*"):
+                try:
+                    sz = sum(f.stat().st_size for f in d.iterdir())
+                    items.append((d.stat().st_mtime, d, sz))
+                    total += sz
+                except OSError:
+                    continue
+        removed = []
+        for mtime, d, sz in sorted(items, key=lambda i: i[0]):
+            if max_bytes is None or total <= max_bytes:
+                break
+            gone = self.root / "tmp" / f"gc-{d.name[:16]}-{uuid.uuid4().hex[:6]}"
+            try:
+                os.rename(d, gone)
+            except OSError:
+                continue
+            shutil.rmtree(gone, ignore_errors=True)
+            total -= sz
+            removed.append(d.name)
+        now = time.time()
+        with contextlib.suppress(OSError):
+            for t in (self.root / "tmp").iterdir():
+                with contextlib.suppress(OSError):
+                    if now - t.stat().st_mtime > 3600:
+                        shutil.rmtree(t) if t.is_dir() else t.unlink()
+        return removed
+
+    def _maybe_gc(self) -> None:
+        if self.max_bytes is not None and time.monotonic() - self._last_gc > 60:
+            self._last_gc = time.monotonic()
+            with contextlib.suppress(OSError):
+                self.gc()
+
+
+# --- Redis ---------------------------------------------------------------------------------------------------
+class RedisTier(RemoteTier):
+    """Redis (redis-py). Keys::
+
+        jitkiln:v1:<toolchain>:<arch>:obj:<key>   hash {artifact, meta}  (written in one MULTI)
+        jitkiln:v1:loc:<key>                      "<toolchain>:<arch>": where the entry lives
+        jitkiln:v1:man:<ukey>                     hash {key: deps json}  (HSET: writers never lose records)
+
+    Every key has a TTL, refreshed on use. Short connect and socket timeouts; a failure trips a breaker.
+    Configure the server with ``maxmemory`` and ``maxmemory-policy allkeys-lru`` for a hard size limit.
+    """
+
+    name = "redis"
+
+    def __init__(self, url: str, ttl_s: int = 30 * 86400, max_entry_bytes: int = 256 << 20,
+                 connect_timeout: float = 0.5, socket_timeout: float = 3.0, retry_s: float = 30.0,
+                 prefix: str = "jitkiln"):
+        try:
+            import redis
+        except ImportError:
+            raise UsageError("JITKILN_REDIS_URL is set but the `redis` package is not installed",
+                             hint="pip install 'jitkiln[fleet]' (or unset JITKILN_REDIS_URL)") from None
+        self._redis = redis
+        self.url = url
+        self.ttl_s = int(ttl_s)
+        self.max_entry_bytes = max_entry_bytes
+        self.prefix = f"{prefix}:{NS_VERSION}"
+        self.name = f"redis {_redact(url)}"
+        self.breaker = _Breaker(self.name, retry_s)
+        self._skipped_big = False
+        try:
+            self.client = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout,
+                                               socket_timeout=socket_timeout, retry_on_timeout=False,
+                                               health_check_interval=0)
+        except ValueError as e:
+            raise UsageError(f"bad JITKILN_REDIS_URL {_redact(url)!r}: {e}",
+                             hint="give it as redis://HOST:PORT/DB (rediss:// for TLS)") from None
+
+    def _call(self, fn, *a):
+        self.breaker.check()
+        try:
+            return fn(*a)
+        except self._redis.RedisError:
+            self.breaker.trip()
+            raise
+
+    def _obj(self, ns: str, key: str) -> str:
+        return f"{self.prefix}:{ns}:obj:{key}"
+
+    def get(self, key: str) -> tuple[bytes, dict] | None:
+        _check_key(key)
+
+        def do():
+            loc = self.client.get(f"{self.prefix}:loc:{key}")
+            if loc is None:
+                return None
+            okey = self._obj(loc.decode(), key)
+            h = self.client.hgetall(okey)
+            if not h or b"artifact" not in h or b"meta" not in h:
+                return None
+            p = self.client.pipeline(transaction=False)
+            p.expire(okey, self.ttl_s)
+            p.expire(f"{self.prefix}:loc:{key}", self.ttl_s)
+            p.execute()
+            try:
+                meta = json.loads(h[b"meta"])
+            except ValueError:
+                meta = {"key": "(unreadable metadata)"}
+            return h[b"artifact"], meta
+        return self._call(do)
+
+    def put(self, key: str, artifact: bytes, meta: dict) -> None:
+        _check_key(key)
+        if len(artifact) > self.max_entry_bytes:
+            if not self._skipped_big:
+                self._skipped_big = True
+                _note(f"{meta.get('name', key[:16])} ({len(artifact) >> 20} MB) is over the Redis entry limit "
+                      f"({self.max_entry_bytes >> 20} MB, JITKILN_REDIS_MAX_ENTRY); such entries stay out of Redis")
+            return
+        ns = _ns(meta)
+
+        def do():
+            p = self.client.pipeline(transaction=True)
+            okey = self._obj(ns, key)
+            p.delete(okey)
+            p.hset(okey, mapping={"artifact": artifact, "meta": json.dumps(meta, sort_keys=True)})
+            p.expire(okey, self.ttl_s)
+            p.set(f"{self.prefix}:loc:{key}", ns, ex=self.ttl_s)
+            p.execute()
+        self._call(do)
+
+    def discard(self, key: str) -> None:
+        _check_key(key)
+
+        def do():
+            loc = self.client.get(f"{self.prefix}:loc:{key}")
+            if loc is not None:
+                self.client.delete(self._obj(loc.decode(), key))
+            self.client.delete(f"{self.prefix}:loc:{key}")
+        self._call(do)
+
+    def get_manifest(self, ukey: str) -> list[dict]:
+        _check_key(ukey)
+        h = self._call(self.client.hgetall, f"{self.prefix}:man:{ukey}") or {}
+        recs = []
+        for k, v in h.items():
+            with contextlib.suppress(ValueError, UnicodeDecodeError):
+                deps = json.loads(v)
+                if isinstance(deps, dict):
+                    recs.append({"key": k.decode(), "deps": deps})
+        return recs
+
+    def put_manifest(self, ukey: str, records: list[dict]) -> None:
+        _check_key(ukey)
+        mapping = {str(r["key"]): json.dumps(r.get("deps", {}), sort_keys=True) for r in records if r.get("key")}
+        if not mapping:
+            return
+
+        def do():
+            p = self.client.pipeline(transaction=True)
+            p.hset(f"{self.prefix}:man:{ukey}", mapping=mapping)
+            p.expire(f"{self.prefix}:man:{ukey}", self.ttl_s)
+            p.execute()
+        self._call(do)
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^@/]*)@", "//***@", url)
+
+
+# --- configuration -------------------------------------------------------------------------------------------
+def _size(s: str | None, var: str) -> int | None:
+    if not s:
+        return None
+    from .cli import parse_size
+    try:
+        return parse_size(s)
+    except JitkilnError:
+        raise UsageError(f"bad {var}={s!r}", hint="give a size such as 500M or 200G") from None
+
+
+_config_noted: set[str] = set()
+
+
+def _note_once(tag: str, msg: str) -> None:
+    if tag not in _config_noted:
+        _config_noted.add(tag)
+        _note(msg)
+
+
+def tiers_from_env(env: dict | None = None) -> list[RemoteTier]:
+    env = os.environ if env is None else env
+    tiers: list[RemoteTier] = []
+    if env.get("JITKILN_SHARED_DIR"):
+        tiers.append(SharedDirTier(env["JITKILN_SHARED_DIR"],
+                                   max_bytes=_size(env.get("JITKILN_SHARED_MAX_SIZE"), "JITKILN_SHARED_MAX_SIZE")))
+    if env.get("JITKILN_REDIS_URL"):
+        kw: dict[str, Any] = {}
+        if env.get("JITKILN_REDIS_TTL"):
+            try:
+                kw["ttl_s"] = int(env["JITKILN_REDIS_TTL"])
+            except ValueError:
+                raise UsageError(f"bad JITKILN_REDIS_TTL={env['JITKILN_REDIS_TTL']!r}",
+                                 hint="give seconds, e.g. 2592000 for 30 days") from None
+        big = _size(env.get("JITKILN_REDIS_MAX_ENTRY"), "JITKILN_REDIS_MAX_ENTRY")
+        if big:
+            kw["max_entry_bytes"] = big
+        tiers.append(RedisTier(env["JITKILN_REDIS_URL"], **kw))
+    return tiers
+
+
+def store_from_env(root: str | os.PathLike | None = None, env: dict | None = None) -> Store:
+    """A Store with the tiers, signing key and trusted keys the environment configures (see module doc)."""
+    from .signing import Signer, TrustStore
+    env = os.environ if env is None else env
+    tiers = tiers_from_env(env)
+    if not tiers:
+        return Store(root)
+    signer = Signer.from_file(env["JITKILN_SIGNING_KEY"]) if env.get("JITKILN_SIGNING_KEY") else None
+    trust = TrustStore.from_paths(env.get("JITKILN_TRUST_KEYS"))
+    if signer is not None:
+        trust.add(signer.raw_public, signer.source)
+    if not trust:
+        _note_once("no-trust", "shared cache tiers are configured but no trusted key is: every remote entry will "
+                               "be refused and rebuilt here. Set JITKILN_TRUST_KEYS to the builders' .pub files "
+                               "(see docs/fleet.md)")
+    if signer is None:
+        _note_once("no-signer", "no JITKILN_SIGNING_KEY: units compiled here are not shared (the tiers are "
+                                "read-only for this machine)")
+    return Store(root, remotes=tiers, verify_remote=trust,
+                 sign_remote=(signer.sign_meta if signer is not None else (lambda meta: None)))
