@@ -310,3 +310,19 @@ def test_doctor(cache_dir, capsys):
     assert main(["doctor", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["nvcc"]["version"] and d["cache"]["path"] == str(cache_dir) and "demo" in d["families"]
+
+
+def test_header_digest_memo_sees_a_change_that_keeps_size_and_mtime(cache_dir, tmp_path):
+    from jitkiln import digests
+    from jitkiln.toolchain import file_digest
+    h = tmp_path / "h.h"
+    h.write_text("#define A 1\n")
+    st = os.stat(h)
+    d1 = digests.digest(str(h))
+    digests.flush()
+    assert (cache_dir / "v1" / "header-digests.json").exists()
+    h.write_text("#define A 2\n")  # same size
+    os.utime(h, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime: only ctime tells
+    digests._memo.clear()  # as a new process: the memo comes from disk
+    d2 = digests.digest(str(h))
+    assert d2 != d1 and d2 == file_digest(h)

@@ -31,6 +31,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from . import digests
 from .build import Builder
 from .errors import CorruptEntry, MissingInstance, UsageError
 from .family import Family, Instance, Problem, get_family
@@ -133,6 +134,7 @@ class Module:
                     self.load_entry(u.instance, e)
                 except CorruptEntry as err:
                     self.load_errors[u.instance.digest] = err.reason  # said by missing(), if it is needed
+        digests.flush()
         return len(self._fns)
 
     def is_loaded(self, instance: Instance) -> bool:

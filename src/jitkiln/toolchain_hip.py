@@ -8,7 +8,6 @@ docs/ck2stages.md): the commands follow the ROCm and clang documentation.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import re
@@ -17,12 +16,10 @@ import shutil
 import signal
 import subprocess
 from pathlib import Path
-from typing import Any
 
 from .errors import CompileError, CompilerKilled, ToolchainNotFound, UsageError
 from .family import CompileSpec
-from .toolchain import (CompileResult, Toolchain, _cached_binary_digest, _first_error_lines, parse_depfile,
-                        run_measured)
+from .toolchain import CompileResult, Toolchain, _first_error_lines, parse_depfile, run_measured
 
 ARCH_RE = re.compile(r"gfx[0-9a-f]{3,4}(?::[a-z+-]+)*")
 
@@ -103,20 +100,6 @@ class Hip(Toolchain):
                 break
         return bins
 
-    @property
-    def fingerprint(self) -> str:
-        """Version plus the sha256 of the driver and the clang it runs."""
-        if self._fp is None:
-            h = hashlib.sha256(f"hip {self.version}".encode())
-            for b in self._binaries():
-                h.update(os.path.basename(b).encode())
-                h.update(_cached_binary_digest(b).encode())
-            self._fp = f"hip-{self.version}-{h.hexdigest()[:16]}"
-        return self._fp
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "path": self.path, "version": self.version, "fingerprint": self.fingerprint}
-
     def supports_time_trace(self) -> bool:
         if self._time_trace is None:
             try:
@@ -136,7 +119,7 @@ class Hip(Toolchain):
         cmd = [self.path, "-x", "hip", *self.offload_arch(spec.arch), "-shared", "-fPIC",
                "-MD", "-MF", deps_path]
         if time_path:
-            cmd += ["-ftime-trace", f"-ftime-trace-granularity=500"]
+            cmd += ["-ftime-trace", "-ftime-trace-granularity=500"]
         for d in spec.include_dirs:
             cmd += ["-I", d]
         cmd += [f for f in spec.flags if f not in ("-fPIC",)]
