@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
 from abc import ABC, abstractmethod
@@ -59,8 +60,8 @@ class Instance:
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @property
-    def digest(self) -> str:
+    @functools.cached_property
+    def digest(self) -> str:  # computed once per instance (instances are immutable)
         return sha256_hex("jitkiln-instance-v1", self.family, self.name, canonical_json(self.params()))
 
     @property

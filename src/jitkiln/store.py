@@ -27,7 +27,7 @@ import shutil
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -54,6 +54,7 @@ class Entry:
     key: str
     path: Path  # the entry directory
     meta: dict[str, Any]
+    data: bytes | None = field(default=None, repr=False, compare=False)  # the verified bytes, until loaded
 
     @property
     def artifact(self) -> Path:
@@ -243,10 +244,16 @@ class Store:
             reason = e.reason if isinstance(e, CorruptEntry) else f"unreadable entry {key[:16]}: {e}"
             self._quarantine(d, reason)
             raise CorruptEntry(reason, hint="it was moved aside and will be rebuilt") from None
-        return Entry(key, d, meta)
+        return Entry(key, d, meta, artifact)
 
     def read_verified(self, entry: Entry) -> bytes:
-        """The artifact's bytes, checked against the digest; these bytes (not the file) are what gets loaded."""
+        """The artifact's bytes, checked against the digest; these bytes (not the file) are what gets loaded.
+        An entry that was just verified (or published) carries the bytes that were checked: no second read."""
+        if entry.data is not None:
+            data, entry.data = entry.data, None
+            with contextlib.suppress(OSError):
+                os.utime(entry.path)  # last use, for gc
+            return data
         try:
             data = entry.artifact.read_bytes()
         except OSError as e:
@@ -316,7 +323,7 @@ class Store:
             if remote_meta is not None:
                 for tier in self.remotes:
                     _safe(tier, "put", key, data, remote_meta)
-        return Entry(key, final, meta)
+        return Entry(key, final, meta, data)
 
     def _add_manifest(self, ukey: str, deps: Mapping[str, str], key: str) -> None:
         recs = [r for r in self.read_manifest(ukey) if r.get("key") != key]
