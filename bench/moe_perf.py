@@ -125,6 +125,8 @@ def main():
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--no-loop", action="store_true")
     ap.add_argument("--fp8", action="store_true", help="also time the fp8 variant (per-tensor scales)")
+    ap.add_argument("--fp8b128", action="store_true",
+                    help="also time the fp8b128 variant (128x128 weight blocks, 1x128 activations quantized on the GPU)")
     ap.add_argument("--sweep", default="", help="token counts at which every candidate of each stage is timed")
     ap.add_argument("--profile", default="", help="shape:tokens,... rows to break down per kernel")
     ap.add_argument("--json")
@@ -133,6 +135,7 @@ def main():
     from moe_build import ForcedModule, build
     mod, _ = build("bf16", a.build, verbose=False)
     mod8 = build("fp8", a.build, verbose=False)[0] if a.fp8 else None
+    modb = build("fp8b128", a.build, verbose=False)[0] if a.fp8b128 else None
     sweep_tokens = {int(t) for t in a.sweep.split(",") if t}
     profile_rows = {tuple(r.split(":")) for r in a.profile.split(",") if r}
     dev = torch.device("cuda")
@@ -163,6 +166,10 @@ def main():
             q2, s2 = quantize_fp8(w2)
             a1 = torch.full((1,), 4.0 / 448, device=dev)  # static scales (values are ~N(0,1) here)
             a2 = torch.full((1,), 1.0 / 448, device=dev)
+        if modb is not None:
+            from moe_check import quantize_blocks
+            b13, bs13 = quantize_blocks(w13)
+            b2, bs2 = quantize_blocks(w2)
         for T in map(int, a.tokens.split(",")):
             n_in = 3
             xs = [torch.randn(T, H, device=dev, generator=gen).to(torch.bfloat16) for _ in range(n_in)]
@@ -188,6 +195,16 @@ def main():
                                w13_scale=s13, a2_scale=a2, w2_scale=s2).double()
                 ob = fused_moe(xs[0], w13, w2, rts[0][1], rts[0][0], module=mod, ep=ep).double()
                 res["fp8_rel_diff_vs_bf16"] = ((o8 - ob).norm() / ob.norm().clamp_min(1e-30)).item()
+            if modb is not None:
+                jb = lambda i: fused_moe(xs[i], b13, b2, rts[i][1], rts[i][0], out=outs[i], module=modb, ep=ep,  # noqa
+                                         w13_scale=bs13, w2_scale=bs2)
+                res["fp8b128_ms"], _ = time_graph(jb, range(n_in), a.reps)
+                ob = fused_moe(xs[0], b13, b2, rts[0][1], rts[0][0], module=modb, ep=ep, w13_scale=bs13,
+                               w2_scale=bs2).double()
+                o16 = fused_moe(xs[0], w13, w2, rts[0][1], rts[0][0], module=mod, ep=ep).double()
+                res["fp8b128_rel_diff_vs_bf16"] = ((ob - o16).norm() / o16.norm().clamp_min(1e-30)).item()
+                res["fp8b128_instances"] = {s: i.name for s, i in modb.family.select("fp8b128", {
+                    "tokens": T, "hidden": H, "inter_dim": I, "experts": E, "topk": k, "ep": ep}).items()}
             if T in sweep_tokens:
                 res["sweep"] = {}
                 cands = mod.family.candidates("bf16")
@@ -240,9 +257,12 @@ def main():
                   f" | gmm {res.get('grouped_mm_ms', float('nan')):8.3f} loop {res.get('loop_ms', float('nan')):8.3f}"
                   f" | x{res['vs_best_peer']:.2f} best peer  diff {res['rel_diff_vs_grouped_mm']:.1e}"
                   f" floor {res['floor_ms']:.3f} fp8 {res.get('fp8_ms', float('nan')):.3f}"
+                  f" fp8b128 {res.get('fp8b128_ms', float('nan')):.3f}"
                   f"  [{sel['stage1'].name[10:]}, {sel['stage2'].name[10:]}]", flush=True)
             del xs, rts, outs
         del w13, w2
+        if modb is not None:
+            del b13, b2
         torch.cuda.empty_cache()
     meta = {"device": props.name, "sms": props.multi_processor_count, "copy_gbs": copy_bw, "peak_tflops": peak_tf,
             "torch": torch.__version__, "cuda": torch.version.cuda, "command": " ".join(sys.argv)}
@@ -282,6 +302,19 @@ def markdown(meta, rows):
                      f"{r.get('grouped_mm_ms', float('nan')):.3f} | {r.get('loop_ms', float('nan')):.3f} | "
                      f"{r['vs_grouped_mm']:.2f} | {r['vs_loop']:.2f} | {r['floor_ms']:.3f} | "
                      f"{100 * r['of_floor']:.0f}% | {f8:.3f} | {r['jitkiln_ms'] / f8:.2f} | {tgt} | {inst} |")
+    b = [r for r in rows if "fp8b128_ms" in r]
+    if b:  # the 128-block fp8 variant, same rows, same process
+        lines += ["", "fp8b128 (e4m3, 128x128 weight blocks, 1x128 activations quantized on the GPU):", "",
+                  "| shape | tokens | bf16 ms | fp8 ms | fp8b128 ms | TFLOP/s | fp8b128 x bf16 | fp8b128 x fp8 "
+                  "| rel diff vs bf16 | instances (stage1, stage2) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in b:
+            f8 = r.get("fp8_ms", float("nan"))
+            tf = 6.0 * r["routed_rows"] * r["inter_dim"] * r["hidden"] / r["fp8b128_ms"] / 1e9
+            inst = ", ".join(v.replace("moe2stage_", "") for v in r["fp8b128_instances"].values())
+            lines.append(f"| {r['shape']} | {r['tokens']} | {r['jitkiln_ms']:.3f} | {f8:.3f} | {r['fp8b128_ms']:.3f} | "
+                         f"{tf:.1f} | {r['jitkiln_ms'] / r['fp8b128_ms']:.2f} | {f8 / r['fp8b128_ms']:.2f} | "
+                         f"{r['fp8b128_rel_diff_vs_bf16']:.1e} | {inst} |")
     return "\n".join(lines) + "\n"
 
 

@@ -35,7 +35,7 @@ def test_registered_and_variants(fam):
 def test_candidates_unique_and_described(fam):
     for v in fam.variants():
         cands = fam.candidates(v)
-        assert len({c.digest for c in cands}) == len(cands) == 9
+        assert len({c.digest for c in cands}) == len(cands) == (6 if v == "fp8b128" else 9)
         assert len({c.symbol for c in cands}) == len(cands)
         for c in cands:
             assert fam.rule(v, c)
@@ -230,3 +230,161 @@ def test_real_nvcc_compile_one_instance(fam, cache_dir):
     assert "-DNDEBUG" in log and "C7510" not in log
     mod = Module(plan, store)
     assert mod.load_available() == 1 and mod.is_loaded(inst)  # loaded, name and symbols checked
+
+
+# --- fp8b128: e4m3 with 128-block scales (weights 128x128, activations 1x128) --------------------------------
+
+def test_fp8b128_declared_and_tiles(fam):
+    assert "fp8b128" in fam.variants()
+    cands = fam.candidates("fp8b128")
+    assert {c.stage for c in cands} == {1, 2}
+    for c in cands:  # CUTLASS's blockwise mainloop: K tile = scale block, N tile a multiple of it
+        assert c.dtype == "fp8b128" and c.tile_k == 128 and c.tile_n % 128 == 0
+        assert "fp8b128" in c.name and fam.rule("fp8b128", c)
+    roles = {heuristic.role_of(c) for c in cands}
+    assert roles == {"DECODE_N128", "MEDIUM", "LARGE"}
+
+
+def test_fp8b128_instance_constraints():
+    from jitkiln.families.moe2stage import MoEStage1, MoEStage2
+    MoEStage1(dtype="fp8b128", tile_m=64, tile_n=128, tile_k=128, schedule="pingpong")
+    with pytest.raises(ValueError, match="tile_k"):  # N tile below the weight-scale block
+        MoEStage1(dtype="fp8b128", tile_m=64, tile_n=64, tile_k=128, schedule="pingpong")
+    with pytest.raises(ValueError, match="tile_k"):
+        MoEStage2(dtype="fp8b128", tile_m=128, tile_n=128, tile_k=64, schedule="cooperative")
+    with pytest.raises(ValueError, match="registers"):  # 128x128 per warpgroup: two accumulators spill
+        MoEStage2(dtype="fp8b128", tile_m=128, tile_n=128, tile_k=128, schedule="pingpong")
+    with pytest.raises(ValueError, match="registers"):
+        MoEStage1(dtype="fp8b128", tile_m=128, tile_n=256, tile_k=128, schedule="cooperative")
+
+
+def test_fp8b128_select_regimes(fam):
+    kimi = dict(hidden=7168, inter_dim=256, experts=384, topk=8)
+    r = lambda t, **kw: {s: heuristic.role_of(i) for s, i in fam.select("fp8b128", {**kimi, "tokens": t, **kw}).items()}  # noqa
+    assert r(1) == {"stage1": "DECODE_N128", "stage2": "DECODE_N128"}
+    assert r(4096) == {"stage1": "MEDIUM", "stage2": "DECODE_N128"}  # small inter_dim: the ping-pong tile
+    assert r(16384) == {"stage1": "LARGE", "stage2": "DECODE_N128"}
+    assert r(16384, inter_dim=2048, experts=48, ep=8) == {"stage1": "LARGE", "stage2": "LARGE"}
+    assert r(1024, inter_dim=1536, experts=128, hidden=4096) == {"stage1": "MEDIUM", "stage2": "MEDIUM"}
+    with pytest.raises(UsageError, match="multiples of 128"):
+        fam.select("fp8b128", {**kimi, "tokens": 8, "hidden": 7168 + 16})
+    with pytest.raises(UsageError, match="multiples of 128"):
+        fam.select("fp8b128", {**kimi, "tokens": 8, "inter_dim": 192})
+
+
+def test_fp8b128_plan_prunes(fam):
+    # Kimi-K2 at tp 8 (inter_dim 256): stage 2 is always the 64x128 ping-pong tile, so the cooperative stage-2
+    # kernels are planned out; at ep 8 (inter_dim 2048) they are needed
+    _, used = plan(fam, "kimi-k2", tp=8, variant="fp8b128", tokens="1-16384")
+    s2 = {heuristic.role_of(i) for i in used.values() if i.stage == 2}
+    assert s2 == {"DECODE_N128"} and len(used) == 4
+    _, used = plan(fam, "kimi-k2", ep=8, variant="fp8b128", tokens="1-16384")
+    assert len(used) == 6
+
+
+def test_fp8b128_render(fam):
+    for inst in fam.candidates("fp8b128"):
+        src = fam.render(inst)
+        assert "@@" not in src and "{{" not in src
+        assert "FP8Blockwise" in src and "Sm90BlockwiseScaleConfig<1, kBlock, kBlock" in src
+        assert "cute::tuple<LayoutA*, LayoutSFA*>" in src and "cute::tuple<LayoutB*, LayoutSFB*>" in src
+        assert "cudaStreamSynchronize" not in src and "cudaDeviceSynchronize" not in src and "cudaMemcpy(" not in src
+        kind = "Cooperative" if inst.schedule == "cooperative" else "Pingpong"
+        assert f"KernelPtrArrayTmaWarpSpecialized{kind}FP8Blockwise" in src
+        assert f"Shape<_{inst.cluster_m}, _{inst.cluster_n}, _1>" in src
+        assert ("gather_rows" in src) == (inst.stage == 1) and ("combine_rows" in src) == (inst.stage == 2)
+
+
+def _b128_inputs(torch, T=5, H=256, I=128, E=4, k=2, seed=0):
+    from jitkiln.moe import BLOCK
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+
+    def qb(w):
+        E_, N, K = w.shape
+        b = w.reshape(E_, N // BLOCK, BLOCK, K // BLOCK, BLOCK)
+        sc = b.abs().amax(dim=(2, 4)) / 448
+        return (b / sc[:, :, None, :, None]).to(torch.float8_e4m3fn).reshape(E_, N, K), sc.contiguous()
+    q13, s13 = qb(torch.randn(E, 2 * I, H, generator=g) / H ** 0.5)
+    q2, s2 = qb(torch.randn(E, H, I, generator=g) / I ** 0.5)
+    ids = torch.tensor([[0, 1], [1, 2], [3, -1], [0, 9], [2, 3]], dtype=torch.int32)[:T]
+    w = torch.rand(T, k, generator=g)
+    return x, q13, s13, q2, s2, ids, w
+
+
+def test_fp8b128_quantize_1x128():
+    torch = pytest.importorskip("torch")
+    from jitkiln.moe import quantize_1x128
+    v = torch.randn(3, 256) * torch.tensor([1e-3, 1.0, 1e3])[:, None]
+    v[1, 128:] = 0
+    q, s = quantize_1x128(v)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (3, 2) and s.dtype == torch.float32
+    assert s[1, 1] == 1.0  # an all-zero block gets scale 1
+    back = q.float() * s.repeat_interleave(128, dim=1)
+    assert ((back - v).abs() <= v.abs() * 2 ** -4 + 1e-30 + s.repeat_interleave(128, dim=1) * 2 ** -9).all()
+    assert (q.float().abs().amax(dim=1) == 448).all()  # each row's largest block uses the full e4m3 range
+
+
+def test_fp8b128_reference_and_tier0_cpu():
+    torch = pytest.importorskip("torch")
+    from jitkiln.moe import dequant_blocks, quantize_1x128, reference_moe, torch_moe
+    x, q13, s13, q2, s2, ids, w = _b128_inputs(torch)
+    T, H = x.shape
+    I = q2.shape[2]
+    ref = reference_moe(x, q13, q2, w, ids, w13_scale=s13, w2_scale=s2, dtype=torch.float64)
+    # by hand: per (token, pick), the kernels' 1x128 quantization of x and of the weighted activation
+    a13 = dequant_blocks(q13, s13, torch.float64)
+    a2 = dequant_blocks(q2, s2, torch.float64)
+    xq, xs = quantize_1x128(x)
+    xd = xq.double() * xs.double().repeat_interleave(128, dim=1)
+    hand = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if 0 <= e < a13.shape[0]:
+                h = (a13[e] @ xd[t]).to(torch.bfloat16).double()
+                v = torch.nn.functional.silu(h[:I]) * h[I:] * w[t, j].double()
+                vq, vs = quantize_1x128(v[None])
+                hand[t] += a2[e] @ (vq.double() * vs.double().repeat_interleave(128, dim=1))[0]
+    assert torch.allclose(ref, hand, rtol=1e-9, atol=1e-12)
+    # e4m3 input with caller scales [T, H/128] is the same as the kernels quantizing the bf16 input
+    ref_pre = reference_moe(xq, q13, q2, w, ids, a_scale=xs, w13_scale=s13, w2_scale=s2, dtype=torch.float64)
+    assert torch.equal(ref_pre, ref)
+    # tier 0 (dequantizing loop) = the model reference (no activation quantization), float32 vs float64
+    model = reference_moe(x, q13, q2, w, ids, w13_scale=s13, w2_scale=s2, dtype=torch.float64, quantize_acts=False)
+    t0 = torch_moe(x, q13, q2, w, ids, w13_scale=s13, w2_scale=s2)
+    assert ((t0.double() - model).norm() / model.norm()) < 1e-2  # bf16 output rounding
+    t0p = torch_moe(xq, q13, q2, w, ids, a_scale=xs, w13_scale=s13, w2_scale=s2)
+    model_p = reference_moe(xq, q13, q2, w, ids, a_scale=xs, w13_scale=s13, w2_scale=s2, dtype=torch.float64,
+                            quantize_acts=False)
+    assert ((t0p.double() - model_p).norm() / model_p.norm()) < 1e-2
+    # and the quantization error against the model stays within the documented fp8 model bound
+    assert ((ref - model).norm() / model.norm()) < 8e-2
+
+
+def test_fp8b128_validation_cpu():
+    torch = pytest.importorskip("torch")
+    from jitkiln.moe import _check_b128, _is_block_scaled
+    x, q13, s13, q2, s2, ids, w = _b128_inputs(torch)
+    assert _is_block_scaled(s13, q13) and not _is_block_scaled(torch.ones(4), q13)
+    _check_b128(x, q13, q2, None, s13, None, s2)  # ok
+    with pytest.raises(UsageError, match=r"w13_scale of shape \[4, 2, 2\]"):
+        _check_b128(x, q13, q2, None, s13[:, :1], None, s2)
+    with pytest.raises(UsageError, match=r"w2_scale of shape \[4, 2, 1\]"):
+        _check_b128(x, q13, q2, None, s13, None, s2.transpose(1, 2))
+    with pytest.raises(UsageError, match="float32"):
+        _check_b128(x, q13, q2, None, s13.half(), None, s2)
+    with pytest.raises(UsageError, match="contiguous"):
+        _check_b128(x, q13, q2, None, s13.transpose(1, 2).contiguous().transpose(1, 2), None, s2)
+    with pytest.raises(UsageError, match="a2_scale=None"):
+        _check_b128(x, q13, q2, None, s13, torch.ones(1), s2)
+    with pytest.raises(UsageError, match="a_scale=None"):
+        _check_b128(x, q13, q2, torch.ones(5, 2), s13, None, s2)
+    xq = x.to(torch.float8_e4m3fn)
+    with pytest.raises(UsageError, match=r"a_scale of shape \[T, H/128\] = \[5, 2\]"):
+        _check_b128(xq, q13, q2, None, s13, None, s2)
+    with pytest.raises(UsageError, match=r"\[5, 2\]"):
+        _check_b128(xq, q13, q2, torch.ones(5, 1), s13, None, s2)
+    _check_b128(xq, q13, q2, torch.ones(5, 2), s13, None, s2)
+    with pytest.raises(UsageError, match="multiples of 128"):
+        _check_b128(x[:, :144].contiguous(), q13[:, :, :144], q2[:, :144], None, s13, None, s2)

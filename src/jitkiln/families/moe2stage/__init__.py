@@ -1,4 +1,4 @@
-"""moe2stage: two-stage fused MoE for Hopper (CUTLASS sm90 ptr-array grouped GEMM), bf16 and fp8.
+"""moe2stage: two-stage fused MoE for Hopper (CUTLASS sm90 ptr-array grouped GEMM), bf16, fp8 and fp8b128.
 
 Importing this package registers the family; it imports neither torch nor a toolchain.
 """

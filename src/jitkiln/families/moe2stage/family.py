@@ -15,7 +15,9 @@ VARIANTS = {
     # variant -> element dtype of the GEMM operands
     "bf16": "bf16",
     "fp8": "fp8",  # e4m3, per-tensor activation scale, per-expert weight scale
+    "fp8b128": "fp8b128",  # e4m3, 128-block scales: activations 1x128 per token, weights 128x128 (DeepSeek-V3)
 }
+BLOCK = 128  # fp8b128 scale block: hidden and inter_dim must be multiples of it
 
 
 
@@ -42,7 +44,11 @@ class MoE2Stage(Family):
 
     def select(self, variant: str, problem: Problem) -> Mapping[str, Instance]:
         p = self.check_problem(problem)
-        return heuristic.select(VARIANTS[self.check_variant(variant)], p)
+        dtype = VARIANTS[self.check_variant(variant)]
+        if dtype == "fp8b128" and (p["hidden"] % BLOCK or p["inter_dim"] % BLOCK):
+            raise UsageError(f"variant fp8b128 needs hidden={p['hidden']} and inter_dim={p['inter_dim']} to be "
+                             f"multiples of {BLOCK} (the scale block)")
+        return heuristic.select(dtype, p)
 
     def rule(self, variant: str, instance: Instance) -> str:
         assert isinstance(instance, MoEGemm)

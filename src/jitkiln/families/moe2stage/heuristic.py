@@ -35,6 +35,21 @@ Tiles (M x N x K; schedule; cluster) and why each exists:
 fp8 (e4m3, per-tensor activation scale, per-expert weight scale) uses the same tile shapes with K tiles
 of 128 elements (128 bytes: the same swizzle atom bf16 gets from K=64) and the FP8 fast-accumulation
 schedules.
+
+fp8b128 (e4m3, DeepSeek-V3-style 128-block scales: activations 1x128 per token, weights 128x128) uses
+CUTLASS's blockwise-scaling ptr-array mainloop (``KernelPtrArrayTmaWarpSpecialized*FP8Blockwise``), which
+constrains the tile set, so it has three tiles per stage, not five:
+
+* K tile = 128 (one scale block per k-tile: the mainloop rescales the partial accumulator once per tile);
+* N tile a multiple of 128 (one weight scale per 128 output columns): no 64-wide N, so ``DECODE_N64`` does
+  not exist here, and decode always takes ``DECODE_N128`` (64x128x128 ping-pong);
+* at most 64x128 accumulators per consumer warpgroup: the mainloop keeps an unscaled partial accumulator
+  next to the scaled one (2 x 64 floats per thread), so a 128x256 cooperative tile (128 + 128) or a 128x128
+  ping-pong tile (also 128 + 128) would spill. ``LARGE`` is therefore 128x128x128 cooperative with a 2x1
+  cluster (the same tile as ``MEDIUM``, but the two CTAs of neighbouring M tiles share each weight tile by
+  TMA multicast, which is what pays at m > 128), and the small-inter_dim stage 2 (m > 32, inter_dim <= 256)
+  takes the 64x128x128 ping-pong tile, the largest one in which one warpgroup's epilogue can overlap the
+  other's mainloop (the reason ``SMALL_K`` exists; with bf16/fp8 it is 128x128, impossible here).
 """
 from __future__ import annotations
 
@@ -57,6 +72,12 @@ def _k(dtype: str, bf16_k: int) -> int:
 
 def tiles(dtype: str) -> dict[str, dict[str, Any]]:
     """Tile parameters by role, for ``dtype``."""
+    if dtype == "fp8b128":  # blockwise-scaling mainloop: K tile 128, N tile 128, <= 64x128 per warpgroup
+        return {
+            "DECODE_N128": dict(tile_m=64, tile_n=128, tile_k=128, schedule="pingpong"),
+            "MEDIUM": dict(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative"),
+            "LARGE": dict(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative", cluster_m=2, cluster_n=1),
+        }
     return {
         "DECODE_N64": dict(tile_m=64, tile_n=64, tile_k=128, schedule="pingpong"),
         "DECODE_N128": dict(tile_m=64, tile_n=128, tile_k=128, schedule="pingpong"),
@@ -73,8 +94,8 @@ STAGE2_ROLES = ("DECODE_N64", "DECODE_N128", "MEDIUM", "LARGE", "SMALL_K")
 
 def candidates(dtype: str) -> list[MoEGemm]:
     t = tiles(dtype)
-    out: list[MoEGemm] = [MoEStage1(dtype=dtype, **t[r]) for r in STAGE1_ROLES]
-    out += [MoEStage2(dtype=dtype, **t[r]) for r in STAGE2_ROLES]
+    out: list[MoEGemm] = [MoEStage1(dtype=dtype, **t[r]) for r in STAGE1_ROLES if r in t]
+    out += [MoEStage2(dtype=dtype, **t[r]) for r in STAGE2_ROLES if r in t]
     return out
 
 
@@ -89,8 +110,12 @@ def active_experts(p: Mapping[str, Any]) -> float:
     return p["experts"] * (1.0 - (1.0 - 1.0 / e_global) ** picks)
 
 
-def role(stage: int, p: Mapping[str, Any]) -> str:
+def role(stage: int, p: Mapping[str, Any], dtype: str = "bf16") -> str:
     m = rows_per_expert(p)
+    if dtype == "fp8b128":  # three tiles (see the module docstring)
+        if m <= DECODE_ROWS or (stage == 2 and p["inter_dim"] <= SMALL_INTER_DIM):
+            return "DECODE_N128"
+        return "MEDIUM" if m <= MEDIUM_ROWS else "LARGE"
     if stage == 2 and p["inter_dim"] <= SMALL_INTER_DIM and m > DECODE_ROWS:
         return "SMALL_K"
     if m <= DECODE_ROWS:
@@ -104,8 +129,8 @@ def role(stage: int, p: Mapping[str, Any]) -> str:
 
 def select(dtype: str, p: Mapping[str, Any]) -> dict[str, MoEGemm]:
     t = tiles(dtype)
-    return {"stage1": MoEStage1(dtype=dtype, **t[role(1, p)]),
-            "stage2": MoEStage2(dtype=dtype, **t[role(2, p)])}
+    return {"stage1": MoEStage1(dtype=dtype, **t[role(1, p, dtype)]),
+            "stage2": MoEStage2(dtype=dtype, **t[role(2, p, dtype)])}
 
 
 RULES = {
@@ -125,8 +150,23 @@ def role_of(inst: MoEGemm) -> str:
     raise KeyError(inst.name)
 
 
+RULES_B128 = {
+    "DECODE_N128": "rows per expert <= %d, or inter_dim <= %d (the small-inter_dim ping-pong path)"
+                   % (DECODE_ROWS, SMALL_INTER_DIM),
+    "MEDIUM": "%d < rows per expert <= %d" % (DECODE_ROWS, MEDIUM_ROWS),
+    "LARGE": "rows per expert > %d" % MEDIUM_ROWS,
+}
+
+
 def rule(inst: MoEGemm) -> str:
     r = role_of(inst)
+    if inst.dtype == "fp8b128":
+        text = RULES_B128[r]
+        if inst.stage == 2 and r in ("MEDIUM", "LARGE"):
+            text += " (and inter_dim > %d)" % SMALL_INTER_DIM
+        elif inst.stage == 1 and r == "DECODE_N128":
+            text = "rows per expert <= %d" % DECODE_ROWS
+        return f"stage {inst.stage}, {r}: {text}"
     text = RULES[r]
     if inst.stage == 2 and r in ("MEDIUM", "LARGE"):
         text += " (and inter_dim > %d)" % SMALL_INTER_DIM

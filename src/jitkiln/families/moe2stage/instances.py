@@ -35,7 +35,8 @@ STAGE2_ABI = CAbi(
 )
 
 SCHEDULES = ("pingpong", "cooperative")
-DTYPES = ("bf16", "fp8")
+DTYPES = ("bf16", "fp8", "fp8b128")
+BLOCK = 128  # fp8b128: scale block (activations 1x128 per token, weights 128x128)
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class MoEGemm(Instance):
     family: ClassVar[str] = "moe2stage"
     stage: ClassVar[int] = 0
 
-    dtype: str  # element type of A and B: bf16 | fp8 (e4m3, per-tensor scales)
+    dtype: str  # element type of A and B: bf16 | fp8 (e4m3, per-tensor scales) | fp8b128 (e4m3, 128-block scales)
     tile_m: int
     tile_n: int
     tile_k: int
@@ -60,6 +61,15 @@ class MoEGemm(Instance):
             raise ValueError(f"schedule {self.schedule!r} not in {SCHEDULES}")
         if self.schedule == "cooperative" and self.tile_m < 128:
             raise ValueError("the cooperative schedule splits M over two warpgroups: tile_m >= 128")
+        if self.dtype == "fp8b128":
+            # CUTLASS's blockwise mainloop: K tile = the scale block along K, N tile a multiple of the weight
+            # scale block along N (one scale per 128 output columns), at most 64x128 accumulators per warpgroup
+            # (it keeps an unscaled partial accumulator beside the scaled one: 2 x 64 registers per thread)
+            if self.tile_k != BLOCK or self.tile_n % BLOCK:
+                raise ValueError(f"fp8b128 needs tile_k == {BLOCK} and tile_n a multiple of {BLOCK}")
+            per_wg_m = self.tile_m // 2 if self.schedule == "cooperative" else self.tile_m
+            if per_wg_m * self.tile_n > 64 * 128:
+                raise ValueError("fp8b128: at most 64x128 accumulators per consumer warpgroup (registers)")
 
     @property
     def name(self) -> str:
