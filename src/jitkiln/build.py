@@ -8,11 +8,14 @@ Every build writes a JSON record and a ninja-compatible ``.ninja_log`` under the
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import heapq
 import json
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -20,11 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .errors import CompileError, CompilerKilled, JitkilnError
-from .family import CompileSpec, Family
+from . import digests
+from .errors import CompilerKilled, JitkilnError
+from .family import CompileSpec
 from .plan import Plan, Unit
 from .store import Entry, Store
 from .toolchain import Toolchain, file_digest
+from . import pack as packing
 
 
 # --- header labels: content digests by include-relative name, so keys are portable across machines ---------
@@ -55,10 +60,7 @@ class HeaderLabels:
 
     def digest(self, label: str) -> str | None:
         if label not in self._memo:
-            try:
-                self._memo[label] = file_digest(self.path(label))
-            except OSError:
-                self._memo[label] = None
+            self._memo[label] = digests.digest(self.path(label))
         return self._memo[label]
 
 
@@ -79,6 +81,8 @@ class UnitResult:
     error: str = ""
     log: str = ""
     slots: list[str] = field(default_factory=list)
+    mode: str = ""  # nvcc: "pipelined" (host front end beside device, a spare core) or "sequential"
+    pack: str = ""  # the pack this unit compiled in (one unit holding several instances), if any
 
 
 @dataclass
@@ -92,6 +96,7 @@ class BuildRecord:
     executor: str = "local"
     path: Path | None = None
     ninja_log: Path | None = None
+    packing: dict[str, Any] | None = None
 
     @property
     def compiled(self) -> list[UnitResult]:
@@ -106,6 +111,16 @@ class BuildRecord:
         # Units are independent: with enough cores the build takes as long as its longest unit.
         return max([u.seconds for u in self.units] + [0.0])
 
+    def _jobs(self) -> list[UnitResult]:
+        """Compiled units, one per compiler job (the members of a pack share one job)."""
+        seen, out = set(), []
+        for u in self.compiled:
+            if u.pack and u.pack in seen:
+                continue
+            seen.add(u.pack)
+            out.append(u)
+        return out
+
     def to_json(self) -> dict[str, Any]:
         p = self.plan
         return {
@@ -116,11 +131,14 @@ class BuildRecord:
             "compiled": [u.name for u in self.compiled],
             "cache_hits": [u.name for u in self.hits],
             "failed": [u.name for u in self.units if u.status == "failed"],
-            "compile_s_sum": round(sum(u.seconds for u in self.compiled), 3),
-            "compiler_cpu_s": round(sum(u.cpu_s for u in self.compiled), 3),
+            "compile_s_sum": round(sum(u.seconds for u in self._jobs()), 3),
+            "compiler_cpu_s": round(sum(u.cpu_s for u in self._jobs()), 3),
             "units": [u.__dict__ for u in self.units],
             "unused": [{"name": i.name, "reason": r} for i, r in p.unused],
             "ninja_log": str(self.ninja_log) if self.ninja_log else None,
+            "pipeline": {"pipelined": [u.name for u in self.compiled if u.mode == "pipelined"],
+                         "rule": PIPELINE_RULE},
+            "packing": self.packing,
         }
 
 
@@ -133,6 +151,21 @@ def available_memory() -> int:
     except OSError:
         pass
     return 8 << 30
+
+
+PIPELINE_RULE = ("an nvcc unit compiles pipelined (host front end beside the device chain: same commands, same "
+                 "bytes, shorter critical path, one more core) when, at its start, units running + units "
+                 "waiting < min(jobs, cores); else sequentially (the second core is better spent on another unit). "
+                 "JITKILN_NVCC_PIPELINE=0|1 forces it.")
+
+
+def pipeline_choice(running: int, waiting: int, cores: int | None = None) -> bool:
+    """Whether the unit starting now should compile pipelined (see :data:`PIPELINE_RULE`); ``running``
+    counts the units in flight, this one included."""
+    forced = os.environ.get("JITKILN_NVCC_PIPELINE")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return running + waiting < (cores or default_jobs())
 
 
 def default_jobs() -> int:
@@ -223,14 +256,14 @@ class Builder:
         labels = HeaderLabels(plan.spec, plan.toolchain)
         entry = self.store.lookup(unit.ukey, labels.digest)
         if entry is not None:
-            res.status, res.key = "hit", entry.key
+            res.status, res.key, res.mode = "hit", entry.key, ""
             return entry
         waited = []
         with self.store.lock(unit.ukey, unit.instance.name, on_wait=waited.append):
             # another process may have published it between our first look and the lock
             entry = self.store.lookup(unit.ukey, labels.digest)
             if entry is not None:
-                res.status, res.key = ("waited" if waited else "hit"), entry.key
+                res.status, res.key, res.mode = ("waited" if waited else "hit"), entry.key, ""
                 return entry
             if plan.toolchain is None:
                 from .plan import toolchain_for
@@ -242,6 +275,8 @@ class Builder:
                 entry = (self.executor or LocalCompile()).compile(self.store, plan, unit, labels, res)
             finally:
                 res.end = time.monotonic() - t0
+                if res.mode.startswith("choose:"):  # an executor that does not pipeline (e.g. Ray)
+                    res.mode = ""
             res.status, res.key = "compiled", entry.key
             if progress:
                 progress.finish(unit.instance.name, "compiled", res.seconds)
@@ -268,6 +303,8 @@ class Builder:
                 continue
             # urgent first, then longest expected compile first
             heapq.heappush(queue, (0 if u.urgent else 1, -exp_s, i, u, exp_mem))
+        queue, pack_info = self._pack(plan, queue, results)
+        digests.flush()
         progress = Progress(len(queue), enabled=self.progress_enabled)
         errors: list[JitkilnError] = []
         killed: list[tuple[Unit, UnitResult]] = []
@@ -277,11 +314,97 @@ class Builder:
             self._run_queue(plan, [(0, 0, 0, u, 0)], results, t0, None, errors, [], jobs=1)
         record = BuildRecord(plan, [results[u.ukey] for u in todo], time.monotonic() - t0, self.jobs, started,
                              host=os.uname().nodename,
-                             executor=getattr(self.executor, "name", "local"))
+                             executor=getattr(self.executor, "name", "local"), packing=pack_info)
         self.write_record(record)
         if errors and raise_on_error:
             raise errors[0]
         return record
+
+    def _pack(self, plan: Plan, queue: list, results: dict[str, UnitResult]) -> tuple[list, dict[str, Any]]:
+        """Group the queued units into packs when cores are few (:func:`jitkiln.pack.choose`); the
+        decision and its reason go into the build record (``packing``)."""
+        local = self.executor is None or getattr(self.executor, "name", "") == "local"
+        items = [(it[3], -it[1], it[4]) for it in queue]
+        choice = packing.choose(plan.family.name, items, self.jobs, int(available_memory()),
+                                enabled=local and os.environ.get("JITKILN_PACK", "1") != "0")
+        if not local:
+            choice.reason = f"executor {getattr(self.executor, 'name', '?')}: every unit separately"
+        by_key = {it[3].ukey: it for it in queue}
+        out: list = []
+        for g in choice.groups:
+            p = packing.make_pack(plan.family.name, g, [(-by_key[u.ukey][1], by_key[u.ukey][4]) for u in g])
+            if p is None:
+                out += [by_key[u.ukey] for u in g]
+                continue
+            choice.packs.append(p)
+            for u in g:
+                results[u.ukey].pack = p.name
+            first = min(by_key[u.ukey][2] for u in g)
+            out.append((1, -p.expected_s, first, p, p.expected_mem))
+        heapq.heapify(out)
+        return out, choice.to_json()
+
+    def build_pack(self, plan: Plan, pk: "packing.Pack", results: dict[str, UnitResult], t0: float,
+                   progress: Progress | None, pipelined: bool) -> list[tuple[Unit, Entry]]:
+        """Compile a pack once and publish its artifact under every member's key (members someone else
+        built meanwhile are skipped; one left alone compiles as a plain unit)."""
+        labels = HeaderLabels(plan.spec, plan.toolchain)
+        ready: list[tuple[Unit, Entry]] = []
+        with contextlib.ExitStack() as stack:
+            waited: list[str] = []
+            for u in sorted(pk.units, key=lambda u: u.ukey):
+                stack.enter_context(self.store.lock(u.ukey, u.instance.name, on_wait=waited.append))
+            todo = []
+            for u in pk.units:
+                entry = self.store.lookup(u.ukey, labels.digest)
+                if entry is not None:
+                    res = results[u.ukey]
+                    res.status, res.key, res.mode, res.pack = ("waited" if waited else "hit"), entry.key, "", ""
+                    ready.append((u, entry))
+                else:
+                    todo.append(u)
+            if not todo:
+                return ready
+            if len(todo) < len(pk.units):
+                exp = [(results[u.ukey].expected_s, 0) for u in todo]
+                smaller = packing.make_pack(plan.family.name, todo, [(c, 1) for c, _ in exp])
+                if smaller is None:
+                    stack.close()
+                    for u in todo:
+                        results[u.ukey].pack = ""
+                        ready.append((u, self.build_unit(plan, u, results[u.ukey], t0, progress)))
+                    return ready
+                pk = smaller
+            if plan.toolchain is None:
+                from .plan import toolchain_for
+                plan.toolchain, _ = toolchain_for(plan.spec, required=True)
+            if progress:
+                progress.start(pk.name)
+            start = time.monotonic() - t0
+            log_path = self.store.log_path(pk.units[0].ukey)
+            try:
+                r, data, deps = compile_unit(plan.spec, plan.toolchain, labels, pk.name, pk.source, pk.ukey,
+                                             log_path=str(log_path), pipeline=pipelined)
+            finally:
+                end = time.monotonic() - t0
+            mode = ("" if plan.toolchain.name != "nvcc" else
+                    "pipelined" if "(pipelined)" in r.command else "sequential")
+            members = [u.instance.name for u in pk.units]
+            for u in pk.units:
+                res = results[u.ukey]
+                res.start, res.end, res.pack, res.mode = start, end, pk.name, mode
+                res.seconds, res.cpu_s, res.peak_rss = round(r.seconds, 3), round(r.cpu_s, 3), r.peak_rss
+                res.phases, res.log = r.phases, str(log_path)
+                # the recorded cost is this member's share of the pack (what the cost model reuses)
+                meta = unit_meta(plan, u, r.seconds / len(pk.units), r.peak_rss, r.phases,
+                                 r.cpu_s / len(pk.units))
+                meta["packed"] = {"pack": pk.name, "members": members, "pack_s": round(r.seconds, 3)}
+                entry = self.store.publish(u.ukey, deps, data, meta)
+                res.status, res.key = "compiled", entry.key
+                ready.append((u, entry))
+            if progress:
+                progress.finish(pk.name, "compiled", r.seconds)
+        return ready
 
     def _run_queue(self, plan, queue, results, t0, progress, errors, killed, jobs=None) -> None:
         jobs = jobs or self.jobs
@@ -302,10 +425,21 @@ class Builder:
                             item = heapq.heappop(heap)
                             state["running"] += 1
                             state["mem"] += need
+                            pipelined = pipeline_choice(state["running"], len(heap), min(jobs, default_jobs()))
                             break
                         lock.wait(0.5)
                 _, _, _, u, mem = item
+                if isinstance(u, packing.Pack):
+                    try:
+                        self._run_pack(plan, u, results, t0, progress, errors, killed, jobs, pipelined)
+                    finally:
+                        with lock:
+                            state["running"] -= 1
+                            state["mem"] -= mem
+                            lock.notify_all()
+                    continue
                 res = results[u.ukey]
+                res.mode = "choose:pipelined" if pipelined else "choose:sequential"
                 try:
                     entry = self.build_unit(plan, u, res, t0, progress)
                     if self.on_ready:
@@ -336,6 +470,42 @@ class Builder:
             t.start()
         for t in threads:
             t.join()
+
+    def _run_pack(self, plan, pk, results, t0, progress, errors, killed, jobs, pipelined) -> None:
+        try:
+            for u, entry in self.build_pack(plan, pk, results, t0, progress, pipelined):
+                if self.on_ready:
+                    self.on_ready(u, entry)
+            return
+        except CompilerKilled as e:
+            for u in pk.units:
+                res = results[u.ukey]
+                if res.status != "pending":
+                    continue
+                res.status, res.error, res.pack = "failed", e.reason, ""
+                if killed is not None and jobs > 1:
+                    killed.append((u, res))
+                else:
+                    errors.append(e)
+            return
+        except JitkilnError as e:
+            if progress:
+                progress.note(f"{pk.name} failed ({e.reason}); compiling its members separately")
+        except BaseException as e:  # noqa: BLE001
+            if progress:
+                progress.note(f"{pk.name} failed ({type(e).__name__}: {e}); compiling its members separately")
+        for u in pk.units:  # a pack that does not compile: its members, one by one
+            res = results[u.ukey]
+            if res.status in ("compiled", "hit", "waited"):
+                continue
+            res.status, res.pack = "pending", ""
+            try:
+                entry = self.build_unit(plan, u, res, t0, None)
+                if self.on_ready:
+                    self.on_ready(u, entry)
+            except JitkilnError as e:
+                res.status, res.error, res.log = "failed", e.reason, getattr(e, "log", "")
+                errors.append(e)
 
     # --- records -----------------------------------------------------------------------------------
     def write_record(self, record: BuildRecord, out_dir: str | os.PathLike | None = None) -> None:
@@ -369,32 +539,71 @@ class Executor:
         raise NotImplementedError
 
 
+FIXED_MTIME = 946684800  # 2000-01-01: the line table records the source file's mtime
+ORPHAN_WAIT_S = 10.0
+
+
+def unit_dir(ukey: str) -> Path:
+    """The fixed directory a unit compiles in. nvcc writes its working directory into the artifact (PTX
+    ``.file``, the module id), so one directory per unit key makes the bytes the same on every machine with
+    the same toolchain, headers and temp directory."""
+    return Path(tempfile.gettempdir()) / "jitkiln-build" / ukey[:32]
+
+
+def compile_unit(spec: CompileSpec, tc: Toolchain, labels: HeaderLabels, name: str, source: str, ukey: str,
+                 log_path: str | None = None, pipeline: bool = False):
+    """Compile one unit, reproducibly; return (CompileResult, artifact bytes, {header label: digest}).
+
+    The unit's directory is locked by the compiler process itself (the lock lives as long as the compiler):
+    if an orphaned compiler of a killed build still holds it, this compile waits for it a little
+    (``ORPHAN_WAIT_S``), then takes a private directory rather than wait longer (its bytes then differ; its
+    key and its behaviour do not).
+    """
+    work = unit_dir(ukey)
+    work.parent.mkdir(parents=True, exist_ok=True)
+    lock_fd = os.open(str(work) + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + ORPHAN_WAIT_S
+        while True:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    work = work.parent / f"{work.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+                    break
+                time.sleep(0.1)
+        shutil.rmtree(work, ignore_errors=True)
+        (work / "keep").mkdir(parents=True)
+        src = work / f"{name}.cu"
+        src.write_text(source)
+        os.utime(src, (FIXED_MTIME, FIXED_MTIME))
+        out = work / "artifact.so"
+        extra = ({"keep_dir": str(work / "keep"), "hold_fd": lock_fd, "pipeline": pipeline}
+                 if tc.name == "nvcc" else {})
+        r = tc.compile(str(src), str(out), spec, str(work / "deps.d"), log_path=log_path, **extra)
+        deps = {labels.label(p): file_digest(p) for p in r.deps
+                if os.path.realpath(p) != os.path.realpath(src)}
+        return r, out.read_bytes(), deps
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        os.close(lock_fd)
+
+
 class LocalCompile(Executor):
     name = "local"
 
     def compile(self, store: Store, plan: Plan, unit: Unit, labels: HeaderLabels, res: UnitResult) -> Entry:
-        tc = plan.toolchain
-        assert tc is not None
-        work = store.root / "tmp" / f"build-{unit.ukey[:16]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        work.mkdir(parents=True)
-        try:
-            src = work / f"{unit.instance.name}.cu"
-            src.write_text(unit.source)
-            out = work / "artifact.so"
-            log_path = store.log_path(unit.ukey)
-            r = tc.compile(str(src), str(out), plan.spec, str(work / "deps.d"), log_path=str(log_path))
-            res.seconds, res.cpu_s, res.peak_rss = round(r.seconds, 3), round(r.cpu_s, 3), r.peak_rss
-            res.phases, res.log = r.phases, str(log_path)
-            deps = {}
-            for p in r.deps:
-                if os.path.realpath(p) == os.path.realpath(src):
-                    continue
-                lbl = labels.label(p)
-                deps[lbl] = file_digest(p)
-            meta = unit_meta(plan, unit, r.seconds, r.peak_rss, r.phases, r.cpu_s)
-            return store.publish(unit.ukey, deps, out, meta)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        assert plan.toolchain is not None
+        log_path = store.log_path(unit.ukey)
+        r, data, deps = compile_unit(plan.spec, plan.toolchain, labels, unit.instance.name, unit.source,
+                                     unit.ukey, log_path=str(log_path), pipeline=res.mode == "choose:pipelined")
+        res.mode = ("" if plan.toolchain.name != "nvcc" else
+                    "pipelined" if "(pipelined)" in r.command else "sequential")
+        res.seconds, res.cpu_s, res.peak_rss = round(r.seconds, 3), round(r.cpu_s, 3), r.peak_rss
+        res.phases, res.log = r.phases, str(log_path)
+        meta = unit_meta(plan, unit, r.seconds, r.peak_rss, r.phases, r.cpu_s)
+        return store.publish(unit.ukey, deps, data, meta)
 
 
 def unit_meta(plan: Plan, unit: Unit, seconds: float, peak_rss: int, phases: dict,
