@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import JitkilnError, UsageError
-from .store import RemoteTier, Store, _fsync_dir, _write_durable
+from .store import RemoteTier, Store, _write_durable, publish_entry_dir
 
 NS_VERSION = "v1"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -163,23 +163,10 @@ class SharedDirTier(RemoteTier):
             return
         tmp = self.root / "tmp" / f"{key[:16]}.{os.uname().nodename}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         try:
-            tmp.mkdir(parents=True)
-            _write_durable(tmp / "artifact", artifact)
-            _write_durable(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
-            _fsync_dir(tmp)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.rename(tmp, final)
-            except OSError as e:
-                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
-            else:
-                _fsync_dir(final.parent)
+            publish_entry_dir(tmp, final, artifact, meta)  # first writer wins: False is fine
         except OSError:
             self.breaker.trip()
             raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         self._maybe_gc()
 
     def discard(self, key: str) -> None:

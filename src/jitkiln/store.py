@@ -297,20 +297,8 @@ class Store:
         final = self.obj_dir(key)
         tmp = self.root / "tmp" / f"{key[:16]}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         try:
-            tmp.mkdir(parents=True)
-            _write_durable(tmp / "artifact", data)
-            _write_durable(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
-            _fsync_dir(tmp)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.rename(tmp, final)
-            except OSError as e:
-                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)  # someone published the same key first
-            _fsync_dir(final.parent)
+            publish_entry_dir(tmp, final, data, meta)  # False: someone published the same key first
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFull(
                     f"disk full while publishing {meta.get('name', key[:16])} to {self.base}",
@@ -433,6 +421,28 @@ class Store:
             except (OSError, ValueError, KeyError, TypeError):
                 continue
         return None
+
+
+def publish_entry_dir(tmp: Path, final: Path, artifact: bytes, meta: dict) -> bool:
+    """Write an entry (artifact + meta.json) into ``tmp``, fsync it, and rename it to ``final`` in one step, so
+    readers see all of it or nothing. False if another writer published ``final`` first. OSError (disk
+    full...) propagates; ``tmp`` is gone afterwards in every case."""
+    try:
+        tmp.mkdir(parents=True)
+        _write_durable(tmp / "artifact", artifact)
+        _write_durable(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
+        _fsync_dir(tmp)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(tmp, final)
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            return False
+        _fsync_dir(final.parent)
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_durable(path: Path, data: bytes) -> None:

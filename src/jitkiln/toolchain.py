@@ -176,6 +176,23 @@ def _first_error_lines(log: str, n: int = 8) -> str:
     return "\n".join(lines[start:start + n])
 
 
+def raise_for_exit(rc: int, src: str, log: str, log_path: str | None, compiler: str = "nvcc") -> None:
+    """Turn a compiler's exit status into the error to report: killed by a signal (likely out of memory),
+    or failed with the unit, its first error lines and the log path. Returns for a zero status."""
+    if rc < 0 or rc in (137, 139):
+        sig = -rc if rc < 0 else rc - 128
+        raise CompilerKilled(
+            f"the compiler ({compiler}) was killed by signal {sig} while compiling {src}"
+            + (" (likely out of memory)" if sig == signal.SIGKILL else ""),
+            hint="retry with fewer parallel jobs (`jitkiln build ... --jobs 1`) or on a machine with more "
+                 "memory; nothing was written to the cache",
+            details=f"log: {log_path}" if log_path else "", unit=src, log=log_path or "")
+    if rc != 0:
+        raise CompileError(f"{compiler} failed (exit {rc}) compiling {src}",
+                           hint=f"the full log is {log_path}" if log_path else "",
+                           details=_first_error_lines(log), unit=src, log=log_path or "")
+
+
 class Nvcc(Toolchain):
     """NVIDIA nvcc: found through ``JITKILN_NVCC``, ``PATH``, ``CUDA_HOME`` or the ``nvidia-cuda-nvcc`` wheel."""
 
@@ -295,19 +312,7 @@ class Nvcc(Toolchain):
                                                 hold_fd=hold_fd)
         if log_path:
             Path(log_path).write_text(f"$ {shlex.join(cmd)}\n{log}")
-        if rc < 0 or rc in (137, 139):
-            sig = -rc if rc < 0 else rc - 128
-            raise CompilerKilled(
-                f"the compiler was killed by signal {sig} while compiling {src}"
-                + (" (likely out of memory)" if sig == signal.SIGKILL else ""),
-                hint="retry with fewer parallel jobs (`jitkiln build ... --jobs 1`) or on a machine with more "
-                     "memory; nothing was written to the cache",
-                details=f"log: {log_path}" if log_path else "", unit=src, log=log_path or "")
-        if rc != 0:
-            raise CompileError(
-                f"nvcc failed (exit {rc}) compiling {src}",
-                hint=f"the full log is {log_path}" if log_path else "",
-                details=_first_error_lines(log), unit=src, log=log_path or "")
+        raise_for_exit(rc, src, log, log_path)
         deps = parse_depfile(Path(deps_path).read_text()) if os.path.exists(deps_path) else []
         return CompileResult(seconds=wall, peak_rss=peak, cpu_s=cpu, deps=deps, phases=parse_nvcc_time(time_path),
                              log=log, command=cmd)
@@ -516,18 +521,7 @@ def nvcc_pipeline(cmd: list[str], src: str, out: str, deps_path: str, cwd: str |
     if log_path:
         Path(log_path).write_text(f"$ {shlex.join(cmd)}  (pipelined: host front end beside device)\n{log}")
     if failed:
-        rc, step = failed[0]
-        if rc < 0 or rc in (137, 139):
-            sig = -rc if rc < 0 else rc - 128
-            raise CompilerKilled(
-                f"the compiler was killed by signal {sig} while compiling {src}"
-                + (" (likely out of memory)" if sig == signal.SIGKILL else ""),
-                hint="retry with fewer parallel jobs (`jitkiln build ... --jobs 1`) or on a machine with more "
-                     "memory; nothing was written to the cache",
-                details=f"log: {log_path}" if log_path else "", unit=src, log=log_path or "")
-        raise CompileError(f"nvcc failed (exit {rc}) compiling {src}",
-                           hint=f"the full log is {log_path}" if log_path else "",
-                           details=_first_error_lines(log), unit=src, log=log_path or "")
+        raise_for_exit(failed[0][0], src, log, log_path)
     deps: list[str] = []
     for p in (deps_path, deps_path + ".dev"):  # what nvcc's filter gives: host and device headers, once
         if os.path.exists(p):

@@ -13,13 +13,12 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
-from .errors import CompileError, CompilerKilled, ToolchainNotFound, UsageError
+from .errors import ToolchainNotFound, UsageError
 from .family import CompileSpec
-from .toolchain import CompileResult, Toolchain, _first_error_lines, parse_depfile, run_measured
+from .toolchain import CompileResult, Toolchain, parse_depfile, raise_for_exit, run_measured
 
 ARCH_RE = re.compile(r"gfx[0-9a-f]{3,4}(?::[a-z+-]+)*")
 
@@ -133,17 +132,7 @@ class Hip(Toolchain):
         rc, log, wall, peak, _cpu = run_measured(cmd, cwd=os.path.dirname(out) or None, timeout=timeout)
         if log_path:
             Path(log_path).write_text(f"$ {shlex.join(cmd)}\n{log}")
-        if rc < 0 or rc in (137, 139):
-            sig = -rc if rc < 0 else rc - 128
-            raise CompilerKilled(
-                f"the HIP compiler was killed by signal {sig} while compiling {src}"
-                + (" (likely out of memory: CK MoE instances can take several GiB)" if sig == signal.SIGKILL else ""),
-                hint="retry with fewer parallel jobs or on a machine with more memory; nothing was cached",
-                details=f"log: {log_path}" if log_path else "", unit=src, log=log_path or "")
-        if rc != 0:
-            raise CompileError(f"the HIP compiler failed (exit {rc}) compiling {src}",
-                               hint=f"the full log is {log_path}" if log_path else "",
-                               details=_first_error_lines(log), unit=src, log=log_path or "")
+        raise_for_exit(rc, src, log, log_path, compiler=os.path.basename(self.path))
         deps = parse_depfile(Path(deps_path).read_text()) if os.path.exists(deps_path) else []
         phases: dict[str, float] = {}
         if trace:  # clang writes <output stem>*.json next to the output (one per offload target)
