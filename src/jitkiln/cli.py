@@ -15,7 +15,7 @@ from .errors import JitkilnError, UsageError
 from .tokens import parse_tokens
 
 # Modules that may add subcommands through ``add_cli(subparsers)`` (absent ones are skipped).
-EXTENSIONS = ("jitkiln.families.ck2stages", "jitkiln.bundle", "jitkiln.coldstart")
+EXTENSIONS = ("jitkiln.families.ck2stages", "jitkiln.bundle")
 
 
 def parse_shapes(items: Sequence[str] | None) -> list[dict]:
