@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import JitkilnError, UsageError
-from .store import RemoteTier, Store, _write_durable, publish_entry_dir
+from .store import RemoteTier, Store, _write_durable, publish_entry_dir, remove_dir
 
 NS_VERSION = "v1"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -233,12 +233,8 @@ class SharedDirTier(RemoteTier):
         for mtime, d, sz in sorted(items, key=lambda i: i[0]):
             if max_bytes is None or total <= max_bytes:
                 break
-            gone = self.root / "tmp" / f"gc-{d.name[:16]}-{uuid.uuid4().hex[:6]}"
-            try:
-                os.rename(d, gone)
-            except OSError:
+            if not remove_dir(d, self.root / "tmp"):
                 continue
-            shutil.rmtree(gone, ignore_errors=True)
             total -= sz
             removed.append(d.name)
         now = time.time()

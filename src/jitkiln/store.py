@@ -392,12 +392,8 @@ class Store:
             too_old = max_age_s is not None and now - mtime > max_age_s
             too_big = max_bytes is not None and total > max_bytes
             if too_old or too_big:
-                gone = self.root / "tmp" / f"gc-{key[:16]}-{uuid.uuid4().hex[:6]}"
-                try:
-                    os.rename(d, gone)
-                except OSError:
+                if not remove_dir(d, self.root / "tmp"):
                     continue
-                shutil.rmtree(gone, ignore_errors=True)
                 total -= sz
                 removed.append(key)
         for t in (self.root / "tmp").iterdir():
@@ -443,6 +439,18 @@ def publish_entry_dir(tmp: Path, final: Path, artifact: bytes, meta: dict) -> bo
         return True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_dir(d: Path, tmp_root: Path) -> bool:
+    """Remove an entry directory atomically for readers: rename it aside first (a reader sees the whole
+    entry or none), then delete it. False if it could not be moved (gone already, or busy)."""
+    gone = tmp_root / f"gone-{d.name[:16]}-{uuid.uuid4().hex[:6]}"
+    try:
+        os.rename(d, gone)
+    except OSError:
+        return False
+    shutil.rmtree(gone, ignore_errors=True)
+    return True
 
 
 def _write_durable(path: Path, data: bytes) -> None:

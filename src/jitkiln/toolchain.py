@@ -112,6 +112,16 @@ class Toolchain:
     def find(cls) -> "Toolchain":
         raise NotImplementedError
 
+    @staticmethod
+    def first_executable(candidates: list[tuple[str, str]]) -> tuple[str | None, list[str]]:
+        """The first (origin, path) candidate that is an executable file, and what was tried before it."""
+        tried = []
+        for origin, p in candidates:
+            if os.path.isfile(p) and os.access(p, os.X_OK):
+                return p, tried
+            tried.append(f"{origin}: {p}")
+        return None, tried
+
     path: str
     version: str
 
@@ -229,11 +239,9 @@ class Nvcc(Toolchain):
             raise ToolchainNotFound(f"JITKILN_NVCC={env} is not an executable file",
                                     hint="point JITKILN_NVCC at nvcc, or unset it to search PATH, CUDA_HOME and "
                                          "the nvidia-cuda-nvcc wheel")
-        tried = []
-        for origin, p in cls.candidates():
-            if os.path.isfile(p) and os.access(p, os.X_OK):
-                return cls(p)
-            tried.append(f"{origin}: {p}")
+        path, tried = cls.first_executable(cls.candidates())
+        if path:
+            return cls(path)
         raise ToolchainNotFound(
             "no CUDA compiler (nvcc) found",
             hint="install one with `pip install nvidia-cuda-nvcc`, or set CUDA_HOME (or JITKILN_NVCC) to a CUDA "

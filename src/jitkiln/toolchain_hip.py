@@ -65,11 +65,9 @@ class Hip(Toolchain):
 
     @classmethod
     def find(cls) -> "Hip":
-        tried = []
-        for origin, p in cls.candidates():
-            if os.path.isfile(p) and os.access(p, os.X_OK):
-                return cls(p)
-            tried.append(f"{origin}: {p}")
+        path, tried = cls.first_executable(cls.candidates())
+        if path:
+            return cls(path)
         raise ToolchainNotFound(
             "no HIP compiler (hipcc or amdclang++) found: ROCm is not installed here",
             hint="install ROCm >= 6.2 (e.g. `apt install rocm-hip-sdk`, or use a rocm/pytorch container) and put "
