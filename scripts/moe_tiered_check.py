@@ -5,7 +5,11 @@ background), call fused_moe at once (tier 0: torch's grouped GEMM), capture a CU
 the tuned instances, call again (tier 1), and recapture. Every output is checked against a float64 reference
 on fresh random inputs, with the output poisoned (NaN) before each call.
 
-    python scripts/moe_tiered_check.py [--model qwen3-30b-a3b --tp 4 --tokens 1-256]
+    python scripts/moe_tiered_check.py [--model qwen3-30b-a3b --tp 4 --tokens 1-256] [--check-all]
+
+``--check-all``: after the load, every planned token count on tier 1 too (every planned instance runs). Under
+``taskset -c 0,1`` the background build sees 2 cores and packs units (urgent ones too: a tier 0 serves), so
+this checks packed moe2stage units on the GPU; the build record's packing decision is printed.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ def main() -> int:
     ap.add_argument("--tp", type=int, default=4)
     ap.add_argument("--tokens", default="1-256")
     ap.add_argument("--json")
+    ap.add_argument("--check-all", action="store_true", help="after the load, every planned token count on tier 1")
     a = ap.parse_args()
     t_start = time.time()
     shape = MoEShape.from_hf_config(a.model, tp=a.tp)
@@ -48,7 +53,7 @@ def main() -> int:
     w2 = (torch.randn(E, H, I, device="cuda", generator=g) / I ** 0.5).to(torch.bfloat16)
     T = 64 if 64 in toks else toks[len(toks) // 2]
 
-    def inputs():
+    def inputs(T=T):
         x = torch.randn(T, H, device="cuda", generator=g).to(torch.bfloat16)
         ids = torch.rand(T, E, device="cuda", generator=g).topk(k, dim=1).indices.to(torch.int32)
         w = torch.softmax(torch.randn(T, k, device="cuda", generator=g), dim=1)
@@ -61,8 +66,8 @@ def main() -> int:
     failures = []
     problem = shape.problem(T)
 
-    def check(tag, expect_tier):
-        x, ids, w = inputs()
+    def check(tag, expect_tier, T=T, problem=problem):
+        x, ids, w = inputs(T)
         out = torch.full((T, H), float("nan"), device="cuda", dtype=torch.bfloat16)
         tier = mod.resolve(problem).tier
         t = time.time()
@@ -101,6 +106,14 @@ def main() -> int:
     print(f"all {len(mod.plan.units)} planned instances loaded at {res['full_speed_s']:.1f} s; "
           f"generation {mod.generation}")
     res["tier1_tier"], res["tier1_err"] = check("after load", 1)
+    res["packing"] = [r.to_json().get("packing") for r in mod.records]
+    print("packing:", json.dumps(res["packing"]))
+    if a.check_all:
+        errs = [check(f"tier 1, {t} tokens", 1, T=t, problem=shape.problem(t))[1] for t in toks]
+        res["check_all"] = {"token_counts": len(toks), "worst_rel_err": max(errs),
+                            "instances": sorted({i.name for t in toks
+                                                 for i in mod.family.select(mod.variant, shape.problem(t)).values()})}
+        print(f"every planned token count on tier 1: {len(toks)} checks, worst rel err {max(errs):.2e}")
     recapture = mod.generation != graph_gen
     cg2 = torch.cuda.CUDAGraph()
     with torch.cuda.stream(s):

@@ -326,3 +326,18 @@ def test_header_digest_memo_sees_a_change_that_keeps_size_and_mtime(cache_dir, t
     digests._memo.clear()  # as a new process: the memo comes from disk
     d2 = digests.digest(str(h))
     assert d2 != d1 and d2 == file_digest(h)
+
+
+def test_fingerprint_sees_through_wrapper_scripts(tmp_path, monkeypatch):
+    """nvcc is often a wrapper script (``exec /usr/local/cuda-X/bin/nvcc "$@"``; the tests' counting wrapper is
+    one too): the fingerprint must still cover the toolkit's cicc, ptxas, cudafe++, fatbinary and nvlink."""
+    from conftest import REAL_NVCC, make_wrapper
+    from jitkiln.toolchain import Nvcc
+    w = make_wrapper(tmp_path / "nvcc", tmp_path / "calls.log", real=REAL_NVCC)
+    w2 = make_wrapper(tmp_path / "nvcc-outer", tmp_path / "calls2.log", real=str(w))  # a wrapper of a wrapper
+    monkeypatch.setenv("JITKILN_NVCC", str(w2))
+    tc = Nvcc.find()
+    names = [os.path.basename(b) for b in tc._binaries()]
+    for tool in ("cicc", "ptxas", "cudafe++", "fatbinary", "nvlink"):
+        assert tool in names, names
+    assert os.path.isfile(os.path.join(tc.root, "bin", "nvcc")) and os.path.realpath(w2) != tc.root

@@ -25,6 +25,23 @@ def test_instance_name_and_digest_are_stable_and_distinct():
     assert a.symbol.startswith("jk_launch_") and a.symbol != c.symbol
 
 
+def test_instance_digest_covers_every_field_as_before():
+    """params() is the instance's fields (shallow, for speed): the digest, hence every cache key, is what the
+    deep dataclasses.asdict gave, for every candidate of the built-in CUDA families."""
+    import dataclasses
+    from jitkiln.family import Instance, canonical_json, sha256_hex
+    n = 0
+    for name in ("demo", "moe2stage"):
+        fam = get_family(name)
+        for variant in fam.variants():
+            for inst in fam.candidates(variant):
+                assert Instance.params(inst) == dataclasses.asdict(inst)
+                want = {**dataclasses.asdict(inst), **inst.params()}
+                assert inst.digest == sha256_hex("jitkiln-instance-v1", inst.family, inst.name, canonical_json(want))
+                n += 1
+    assert n > 20
+
+
 def test_every_selection_is_a_candidate_and_render_exports_the_abi():
     fam = get_family("demo")
     for v in fam.variants():

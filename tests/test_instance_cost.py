@@ -88,13 +88,18 @@ def test_packing_cost_model():
     # urgent units are never packed (they are needed first)
     c = pack.choose("moe2stage", _fake(6, urgent=2), cores=2, mem_avail=100 << 30)
     assert [len(g) for g in c.groups][:2] == [1, 1] and "2 urgent units separately" in c.reason
+    # ... unless a tier 0 serves the calls meanwhile: then every unit may join a pack
+    c = pack.choose("moe2stage", _fake(6, urgent=2), cores=2, mem_avail=100 << 30, urgent_served=True)
+    assert sorted(len(g) for g in c.groups) == [3, 3] and "urgent ones too" in c.reason
+    assert "separately\"" not in c.reason and "urgent units separately" not in c.reason
     # memory bounds the packs
     c = pack.choose("moe2stage", _fake(6), cores=2, mem_avail=7 << 30)
     assert all(len(g) == 1 for g in c.groups) or max(len(g) for g in c.groups) <= 2
     # a family without a packer, or packing off
     assert "no packer" in pack.choose("ck2stages", _fake(6), cores=1, mem_avail=100 << 30).reason
     assert "disabled" in pack.choose("demo", _fake(6), 1, 100 << 30, enabled=False).reason
-    assert pack.makespan([3, 3, 2, 2, 2], 2) == 7  # longest first, as the Builder runs them and pack.pack_cost([10, 10], 0.7) == pytest.approx(13)
+    assert pack.makespan([3, 3, 2, 2, 2], 2) == 7  # longest first, as the Builder runs them
+    assert pack.pack_cost([10, 10], 0.7) == pytest.approx(13)
 
 
 def test_builder_packs_when_cores_are_few_and_records_why(cache_dir, monkeypatch):
@@ -126,6 +131,20 @@ def test_builder_packs_when_cores_are_few_and_records_why(cache_dir, monkeypatch
     assert again.compiled == [] and len(again.hits) == 3
     mod = Module(plan, store, policy="error")
     assert mod.load_available() == 3 and mod.ready
+
+
+def test_builder_packs_urgent_units_when_a_tier0_serves(cache_dir, monkeypatch):
+    monkeypatch.delenv("JITKILN_PACK", raising=False)
+    store = Store()
+    plan = make_plan(DEMO, "f32", THREE)
+    rec = Builder(store, jobs=1, progress=False, urgent_served=True).build(plan)
+    j = json.loads(rec.path.read_text())
+    assert len(j["packing"]["packs"]) == 1 and len(j["packing"]["packs"][0]) == 3
+    assert "urgent ones too" in j["packing"]["reason"]
+    assert all(u["pack"] and u["status"] == "compiled" for u in j["units"])
+    assert Module(plan, store, policy="error").load_available() == 3
+    # the runtime asks for it only where calls have a tier 0: demo has no fallback
+    assert not Module(plan, store, policy="tiered").tier0_serves
 
 
 def test_builder_does_not_pack_with_plenty_of_cores(cache_dir, monkeypatch):

@@ -15,10 +15,8 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -230,8 +228,11 @@ ReadyCallback = Callable[[Unit, Entry], None]
 
 class Builder:
     def __init__(self, store: Store, jobs: int | None = None, progress: bool = True,
-                 on_ready: ReadyCallback | None = None, executor: "Executor | None" = None):
+                 on_ready: ReadyCallback | None = None, executor: "Executor | None" = None,
+                 urgent_served: bool = False):
         self.store = store
+        # a tier 0 serves the plan's calls while it builds: urgent units may be packed (pack.choose)
+        self.urgent_served = urgent_served
         self.jobs = max(1, jobs or default_jobs())
         self.progress_enabled = progress
         self.on_ready = on_ready
@@ -326,7 +327,8 @@ class Builder:
         local = self.executor is None or getattr(self.executor, "name", "") == "local"
         items = [(it[3], -it[1], it[4]) for it in queue]
         choice = packing.choose(plan.family.name, items, self.jobs, int(available_memory()),
-                                enabled=local and os.environ.get("JITKILN_PACK", "1") != "0")
+                                enabled=local and os.environ.get("JITKILN_PACK", "1") != "0",
+                                urgent_served=self.urgent_served)
         if not local:
             choice.reason = f"executor {getattr(self.executor, 'name', '?')}: every unit separately"
         by_key = {it[3].ukey: it for it in queue}
@@ -340,7 +342,7 @@ class Builder:
             for u in g:
                 results[u.ukey].pack = p.name
             first = min(by_key[u.ukey][2] for u in g)
-            out.append((1, -p.expected_s, first, p, p.expected_mem))
+            out.append((0 if any(u.urgent for u in g) else 1, -p.expected_s, first, p, p.expected_mem))
         heapq.heapify(out)
         return out, choice.to_json()
 
@@ -512,7 +514,7 @@ class Builder:
         d = Path(out_dir) if out_dir else self.store.records_dir()
         d.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(record.started))
-        base = f"{stamp}-{record.plan.family.name}-{record.plan.module_key[:12]}-{uuid.uuid4().hex[:6]}"
+        base = f"{stamp}-{record.plan.family.name}-{record.plan.module_key[:12]}-{os.urandom(3).hex()}"
         record.ninja_log = d / f"{base}.ninja_log"
         record.ninja_log.write_text(ninja_log(record))
         record.path = d / f"{base}.json"
@@ -547,6 +549,7 @@ def unit_dir(ukey: str) -> Path:
     """The fixed directory a unit compiles in. nvcc writes its working directory into the artifact (PTX
     ``.file``, the module id), so one directory per unit key makes the bytes the same on every machine with
     the same toolchain, headers and temp directory."""
+    import tempfile
     return Path(tempfile.gettempdir()) / "jitkiln-build" / ukey[:32]
 
 
@@ -570,7 +573,7 @@ def compile_unit(spec: CompileSpec, tc: Toolchain, labels: HeaderLabels, name: s
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    work = work.parent / f"{work.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+                    work = work.parent / f"{work.name}.{os.getpid()}.{os.urandom(3).hex()}"
                     break
                 time.sleep(0.1)
         shutil.rmtree(work, ignore_errors=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import uuid
 from pathlib import Path
 
 from .toolchain import file_digest
@@ -21,9 +20,16 @@ _memo: dict[str, dict[str, list]] = {}  # memo file -> {realpath: [stamp..., dig
 _dirty: set[str] = set()
 
 
+_memo_path_of: tuple[tuple, str] = ((), "")  # (the settings it depends on, the path): a warm start asks ~1,000 times
+
+
 def _memo_path() -> str:
-    from .store import LAYOUT, default_root
-    return str(default_root() / LAYOUT / "header-digests.json")
+    global _memo_path_of
+    env = (os.environ.get("JITKILN_CACHE_DIR"), os.environ.get("XDG_CACHE_HOME"), os.environ.get("HOME"))
+    if _memo_path_of[0] != env:
+        from .store import LAYOUT, default_root
+        _memo_path_of = (env, str(default_root() / LAYOUT / "header-digests.json"))
+    return _memo_path_of[1]
 
 
 def _stamp(st: os.stat_result) -> list:
@@ -77,7 +83,7 @@ def flush() -> None:
                     disk = {}
                 disk.update(_memo[mp])
                 p.parent.mkdir(parents=True, exist_ok=True)
-                tmp = p.with_suffix(f".{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
+                tmp = p.with_suffix(f".{os.getpid()}.{os.urandom(3).hex()}.tmp")
                 tmp.write_text(json.dumps(disk))
                 os.replace(tmp, p)
             except OSError:

@@ -58,7 +58,9 @@ class Instance:
         return f"{self.family}_{vals}"
 
     def params(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # the fields, shallowly (what dataclasses.asdict gives for plain values, without its deep copy:
+        # plans build hundreds of instances, and a warm start pays for each)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @functools.cached_property
     def digest(self) -> str:  # computed once per instance (instances are immutable)

@@ -7,8 +7,10 @@ so a unit's ``shared_fraction`` of ~0.7-0.87 is paid once per pack. Packing trad
 
 * cores >= units to compile: every unit separately (the build takes as long as its longest unit);
 * cores < units: the partition of the (non-urgent) units into packs that minimises the estimated makespan
-  (packs scheduled longest first on the cores), within memory. Urgent units are never packed: they are
-  needed first.
+  (packs scheduled longest first on the cores), within memory. Urgent units are not packed (they are
+  needed first) unless a tier 0 serves the calls while the plan builds (``urgent_served``: the runtime's
+  ``tiered`` policy with a family fallback): then what matters is when *every* instance is loaded, and the
+  urgent units join the packs (a pack holding one goes first).
 
 A pack is one ``.cu`` holding every member (the family's packer keeps their names apart), compiled once; the
 artifact is published under each member's unit key, so lookups, loads and the runtime do not change. Each
@@ -132,8 +134,9 @@ def _bins(items: list[tuple[float, int, Unit]], p: int) -> list[list[tuple[float
 
 
 def choose(family: str, units: Sequence[tuple[Unit, float, int]], cores: int, mem_avail: int,
-           enabled: bool = True) -> Packing:
-    """How to group the units to compile, ``(unit, expected s, expected peak bytes)``, on ``cores``."""
+           enabled: bool = True, urgent_served: bool = False) -> Packing:
+    """How to group the units to compile, ``(unit, expected s, expected peak bytes)``, on ``cores``.
+    ``urgent_served``: a tier 0 serves calls meanwhile, so urgent units may be packed too."""
     n = len(units)
     separate = [[u] for u, _, _ in units]
     sep_est = makespan([c for u, c, _ in units if not u.urgent], cores, [c for u, c, _ in units if u.urgent])
@@ -145,8 +148,8 @@ def choose(family: str, units: Sequence[tuple[Unit, float, int]], cores: int, me
     if n <= cores:
         return Packing(separate, f"{n} units to compile <= {cores} cores: every unit separately (the build "
                                  f"takes as long as its longest unit, ~{sep_est:.0f} s)", sep_est, sep_est)
-    urgent = [(c, m, u) for u, c, m in units if u.urgent]
-    rest = [(c, m, u) for u, c, m in units if not u.urgent]
+    urgent = [(c, m, u) for u, c, m in units if u.urgent and not urgent_served]
+    rest = [(c, m, u) for u, c, m in units if not u.urgent or urgent_served]
     best_p, best_est = len(rest), sep_est
     for p in range(1, len(rest)):
         bins = _bins([(c, m, u) for c, m, u in rest], p)
@@ -165,9 +168,13 @@ def choose(family: str, units: Sequence[tuple[Unit, float, int]], cores: int, me
     bins = _bins([(c, m, u) for c, m, u in rest], best_p)
     groups = [[u] for _, _, u in urgent] + [[u for _, _, u in b] for b in bins]
     sizes = "+".join(str(len(b)) for b in bins)
-    reason = (f"{n} units on {cores} cores: {len(rest)} non-urgent units packed as {sizes} "
+    which = ("units (urgent ones too: a tier 0 serves the calls meanwhile)" if urgent_served
+             else "non-urgent units")
+    reason = (f"{n} units on {cores} cores: {len(rest)} {which} packed as {sizes} "
               f"(a pack pays the shared ~{packer.shared_fraction:.0%} of a unit once): estimated "
-              f"~{best_est:.0f} s against ~{sep_est:.0f} s separately; {len(urgent)} urgent units separately")
+              f"~{best_est:.0f} s against ~{sep_est:.0f} s separately")
+    if not urgent_served:
+        reason += f"; {len(urgent)} urgent units separately"
     return Packing(groups, reason, sep_est, best_est)
 
 

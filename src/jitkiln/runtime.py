@@ -93,6 +93,13 @@ class Module:
         self.load_errors: dict[str, str] = {}  # instance digest -> why its cached artifact did not load
         self._extra: dict[str, threading.Thread] = {}
 
+    @property
+    def tier0_serves(self) -> bool:
+        """Policy ``tiered`` and the family's tier 0 serves every planned problem: calls are correct before
+        any instance is loaded, so the background build may pack urgent units too (full speed sooner)."""
+        return self.policy == "tiered" and all(self.family.fallback(self.variant, p) is not None
+                                               for p in self.plan.problems)
+
     # --- loading -------------------------------------------------------------------------------------
     def load_entry(self, instance: Instance, entry: Entry) -> Any:
         """Load one verified entry and publish its launcher (atomically: a dict assignment)."""
@@ -249,7 +256,7 @@ class Module:
                     todo = [u for u in self.plan.units if u.instance.digest not in self._fns]
                     bld = Builder(self.store, jobs=self.builder.jobs, progress=False,
                                   on_ready=lambda u, e: self.load_entry(u.instance, e),
-                                  executor=self.builder.executor)
+                                  executor=self.builder.executor, urgent_served=self.tier0_serves)
                     self.records.append(bld.build(self.plan, todo))
                 except BaseException as e:  # noqa: BLE001 - surfaced by wait()
                     self._bg_error = e

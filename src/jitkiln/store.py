@@ -24,9 +24,7 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -111,7 +109,7 @@ class Store:
         try:
             for sub in ("objects", "manifests", "locks", "tmp", "builds", "logs", "corrupt"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
-            probe = self.root / "tmp" / f".probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            probe = self.root / "tmp" / f".probe-{os.getpid()}-{os.urandom(4).hex()}"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
@@ -149,7 +147,7 @@ class Store:
                     on_wait(holder or "another process")
                 fcntl.flock(fd, fcntl.LOCK_EX)
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {what}".encode(), 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}: {what}".encode(), 0)
             yield
         finally:
             os.close(fd)  # closing releases the flock
@@ -267,7 +265,7 @@ class Store:
         return data
 
     def _quarantine(self, path: Path, reason: str) -> None:
-        dest = self.root / "corrupt" / f"{path.name}.{uuid.uuid4().hex[:8]}"
+        dest = self.root / "corrupt" / f"{path.name}.{os.urandom(4).hex()}"
         with contextlib.suppress(OSError):
             os.rename(path, dest)
             (dest.with_suffix(dest.suffix + ".why") if dest.is_dir() else
@@ -295,7 +293,7 @@ class Store:
     def _publish_bytes(self, key: str, data: bytes, meta: dict, write_back: bool) -> Entry:
         self.ensure()
         final = self.obj_dir(key)
-        tmp = self.root / "tmp" / f"{key[:16]}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        tmp = self.root / "tmp" / f"{key[:16]}.{os.getpid()}.{os.urandom(4).hex()}"
         try:
             publish_entry_dir(tmp, final, data, meta)  # False: someone published the same key first
         except OSError as e:
@@ -318,7 +316,7 @@ class Store:
         recs.append({"key": key, "deps": dict(deps)})
         p = self.manifest_path(ukey)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(f".{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
+        tmp = p.with_suffix(f".{os.getpid()}.{os.urandom(3).hex()}.tmp")
         try:
             _write_durable(tmp, json.dumps(recs[-8:]).encode())
             os.replace(tmp, p)
@@ -444,7 +442,7 @@ def publish_entry_dir(tmp: Path, final: Path, artifact: bytes, meta: dict) -> bo
 def remove_dir(d: Path, tmp_root: Path) -> bool:
     """Remove an entry directory atomically for readers: rename it aside first (a reader sees the whole
     entry or none), then delete it. False if it could not be moved (gone already, or busy)."""
-    gone = tmp_root / f"gone-{d.name[:16]}-{uuid.uuid4().hex[:6]}"
+    gone = tmp_root / f"gone-{d.name[:16]}-{os.urandom(3).hex()}"
     try:
         os.rename(d, gone)
     except OSError:

@@ -8,15 +8,12 @@ The adapter reports what the cache key needs and what the report shows:
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 import re
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -65,6 +62,8 @@ def run_measured(cmd: list[str], cwd: str | None = None, env: dict | None = None
     process and the descendants it waited for (nvcc waits for cicc, ptxas, gcc...). ``hold_fd`` (a locked
     file) is handed to the compiler, so the lock lives exactly as long as the compiler does.
     """
+    import signal
+    import subprocess
     import tempfile
     import threading
 
@@ -190,6 +189,7 @@ def raise_for_exit(rc: int, src: str, log: str, log_path: str | None, compiler: 
     """Turn a compiler's exit status into the error to report: killed by a signal (likely out of memory),
     or failed with the unit, its first error lines and the log path. Returns for a zero status."""
     if rc < 0 or rc in (137, 139):
+        import signal
         sig = -rc if rc < 0 else rc - 128
         raise CompilerKilled(
             f"the compiler ({compiler}) was killed by signal {sig} while compiling {src}"
@@ -215,6 +215,7 @@ class Nvcc(Toolchain):
 
     @staticmethod
     def candidates() -> list[tuple[str, str]]:
+        import glob
         out: list[tuple[str, str]] = []
         env = os.environ.get("JITKILN_NVCC")
         if env:
@@ -255,6 +256,7 @@ class Nvcc(Toolchain):
         return self._version
 
     def _query_version(self) -> str:
+        import subprocess
         try:
             out = subprocess.run([self.path, "--version"], capture_output=True, text=True, timeout=60).stdout
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -263,10 +265,28 @@ class Nvcc(Toolchain):
         m = re.search(r"release ([\d.]+), V([\d.]+)", out)
         return m.group(2) if m else out.strip().splitlines()[-1]
 
+    @property
+    def root(self) -> str:
+        """The CUDA toolkit nvcc belongs to (``bin/nvcc``'s parent), through wrapper scripts such as
+        ``exec /usr/local/cuda-13.0/bin/nvcc "$@"``, so the fingerprint covers cicc, ptxas... there too."""
+        real = os.path.realpath(self.path)
+        for _ in range(8):
+            if os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(real)), "nvvm", "bin", "cicc")):
+                break
+            try:
+                with open(real, "rb") as f:
+                    head = f.read(65536)
+            except OSError:
+                break
+            m = re.search(rb"(/[^\s\"';]+/nvcc)(?=[\s\"';]|$)", head) if head.startswith(b"#!") else None
+            if not m or not os.path.isfile(m.group(1).decode()):
+                break
+            real = os.path.realpath(m.group(1).decode())
+        return os.path.dirname(os.path.dirname(real))
+
     def _binaries(self) -> list[str]:
         """nvcc, cicc, ptxas, cudafe++, fatbinary, nvlink and the host compiler."""
-        real = os.path.realpath(self.path)
-        root = os.path.dirname(os.path.dirname(real))
+        root = self.root
         bins = [self.path]
         for rel in ("nvvm/bin/cicc", "bin/ptxas", "bin/cudafe++", "bin/fatbinary", "bin/nvlink"):
             p = os.path.join(root, rel)
@@ -332,6 +352,7 @@ class PipelineUnsupported(Exception):
 
 def _dryrun_steps(cmd: list[str], cwd: str | None) -> tuple[list[str], list[str]]:
     """nvcc ``--dryrun`` -> (environment assignments, commands), both as shell text, in nvcc's order."""
+    import subprocess
     r = subprocess.run(cmd + ["--dryrun"], cwd=cwd, capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         raise PipelineUnsupported(r.stderr[-500:])

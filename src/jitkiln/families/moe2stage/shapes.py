@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ...errors import UsageError
@@ -21,8 +21,8 @@ _TOPK = ("num_experts_per_tok", "moe_topk", "num_experts_per_token", "top_k", "m
 _NESTED = ("text_config", "language_config", "llm_config")
 
 
-def _models_dir():
-    return resources.files("jitkiln") / "data" / "models"
+def _models_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "data" / "models"
 
 
 def example_models() -> list[str]:
