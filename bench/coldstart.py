@@ -111,6 +111,44 @@ def png(rec: dict, out: Path) -> str | None:
         return None
 
 
+def phases_record(title: str, variant: str, phases: list[tuple[str, float, float]]) -> dict:
+    """Steps of a run that compiles nothing (warm, seeded) shaped like a build record, for the timeline picture."""
+    units = [{"name": n, "status": "compiled", "start": a, "end": b, "seconds": b - a, "peak_rss": 0,
+              "urgent": False} for n, a, b in phases]
+    return {"family": title, "variant": variant, "units": units, "wall_s": max(b for _, _, b in phases),
+            "jobs": 1, "critical_path_s": max(b - a for _, a, b in phases), "unused": [], "module_key": "-" * 16}
+
+
+def child_phases(r: dict, offset: float = 0.0) -> list[tuple[str, float, float]]:
+    """A child's steps: process start to every available instance loaded, to the first call, to full speed."""
+    out = [("start, imports, plan, verify, load", offset, offset + r["loaded_s"])]
+    if r["first_call_s"] > r["loaded_s"] + 1e-3:
+        out.append(("first call", offset + r["loaded_s"], offset + r["first_call_s"]))
+    if r["full_speed_s"] > r["first_call_s"] + 1e-3:
+        out.append(("every planned instance loaded", offset + r["first_call_s"], offset + r["full_speed_s"]))
+    return out
+
+
+def ranks_record(variant: str, ranks: list[dict], jobs: int, store_of) -> dict | None:
+    """The compiles of N ranks started together, one row per compile, named by the rank that ran it."""
+    from jitkiln.report import load_record
+    units = []
+    for i, r in enumerate(ranks):
+        for path in r["records"]:
+            try:
+                rec = load_record(path, store_of)
+            except Exception:  # noqa: BLE001 - a picture is a nice-to-have
+                continue
+            for u in rec["units"]:
+                if u.get("status") == "compiled":
+                    units.append(dict(u, name=f"rank {i}: {u['name']}"))
+    if not units:
+        return None
+    return {"family": f"{len(ranks)} ranks cold", "variant": variant, "units": units,
+            "wall_s": max(u["end"] for u in units), "jobs": jobs,
+            "critical_path_s": max(u["seconds"] for u in units), "unused": [], "module_key": "-" * 16}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("family")
@@ -189,6 +227,7 @@ def main() -> int:
         runs = [finish(run_child(plan_argv, cache_c, False)) for _ in range(3)]
         best = sorted(runs, key=lambda r: r["full_speed_s"])[1]  # the median of three
         sc["d_warm"] = best | {"runs": [r["full_speed_s"] for r in runs]}
+        png(phases_record("warm start (median run)", plan.variant, child_phases(best)), pics / "d_warm.png")
         print(f"[d_warm] ready in {best['full_speed_s']:.3f} s (median of 3), compiled {best['compiled']}", flush=True)
     if "e" in want:
         seeded = str(work / "cache_e")
@@ -215,6 +254,8 @@ def main() -> int:
         r = finish(run_child(plan_argv, seeded, False))
         sc["e_seeded"] = r | {"seed_s": round(seed_s, 3), "how": how,
                               "total_s": round(seed_s + r["full_speed_s"], 3)}
+        png(phases_record(f"seeded ({how})", plan.variant, [(f"seed the cache ({how})", 0.0, seed_s)]
+                          + child_phases(r, seed_s)), pics / "e_seeded.png")
         print(f"[e_seeded] {how}: seed {seed_s:.2f} s + ready {r['full_speed_s']:.2f} s, compiled {r['compiled']}",
               flush=True)
     if "f" in want:
@@ -229,6 +270,10 @@ def main() -> int:
                               "one_rank_cpu_s": one, "cpu_over_one_rank": round(total / one, 3) if one else None,
                               "compiled_total": len(compiled), "compiled_unique": len(set(compiled)),
                               "full_speed_s_max": max(r["full_speed_s"] for r in ranks)}
+        from jitkiln.store import Store
+        rr = ranks_record(plan.variant, ranks, args.jobs, Store(cache_f))
+        if rr:
+            png(rr, pics / "f_ranks_cold.png")
         print(f"[f_ranks_cold] {args.ranks} ranks: {total:.1f} CPU s (one rank {one}), "
               f"{len(compiled)} compiles of {len(set(compiled))} units", flush=True)
     if "g" in want and shutil.which("ccache"):
@@ -238,6 +283,9 @@ def main() -> int:
         cold = stock("g_ccache_cold", full, "ccache", env)
         warm = stock("g_ccache_warm", full, "ccache", env)  # a new build dir: every unit a direct-mode hit
         stats = subprocess.run(["ccache", "-s"], env=env, capture_output=True, text=True).stdout
+        for tag, r in (("g_ccache_cold", cold), ("g_ccache_warm", warm)):
+            png(stockbuild.as_record(tag.replace("_", " "), plan.variant, r["ninja_log"], r["wall_s"], args.jobs),
+                pics / f"{tag}.png")
         g = {"cold_wall_s": cold["wall_s"], "warm_wall_s": warm["wall_s"], "warm_cpu_s": warm["cpu_s"],
              "ccache_stats": stats.strip().splitlines()[:8]}
         print(f"[g_ccache] cold {cold['wall_s']:.1f} s, warm {warm['wall_s']:.2f} s", flush=True)
