@@ -89,15 +89,20 @@ def main() -> int:
     fused_moe(x, w13, w2, w, ids, out=out, module=mod)  # warm-up outside capture
     torch.cuda.synchronize()
     graph_gen = mod.generation
-    cg = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        with torch.cuda.graph(cg):
-            fused_moe(x, w13, w2, w, ids, out=out, module=mod)
-    out.fill_(float("nan"))
-    cg.replay()
-    torch.cuda.synchronize()
-    e0 = rel(out, reference_moe(x, w13, w2, w, ids, dtype=torch.float64))
+
+    def graph_err() -> float:
+        """Capture fused_moe into a new CUDA graph, poison the output, replay, and compare with the reference."""
+        cg = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(s):
+            with torch.cuda.graph(cg):
+                fused_moe(x, w13, w2, w, ids, out=out, module=mod)
+        out.fill_(float("nan"))
+        cg.replay()
+        torch.cuda.synchronize()
+        return rel(out, reference_moe(x, w13, w2, w, ids, dtype=torch.float64))
+
+    e0 = graph_err()
     print(f"graph captured at generation {graph_gen}, replayed: rel err {e0:.2e}")
     if not e0 < 1e-2:
         failures.append("tier-0 graph")
@@ -115,14 +120,7 @@ def main() -> int:
                                                  for i in mod.family.select(mod.variant, shape.problem(t)).values()})}
         print(f"every planned token count on tier 1: {len(toks)} checks, worst rel err {max(errs):.2e}")
     recapture = mod.generation != graph_gen
-    cg2 = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(s):
-        with torch.cuda.graph(cg2):
-            fused_moe(x, w13, w2, w, ids, out=out, module=mod)
-    out.fill_(float("nan"))
-    cg2.replay()
-    torch.cuda.synchronize()
-    e1 = rel(out, reference_moe(x, w13, w2, w, ids, dtype=torch.float64))
+    e1 = graph_err()
     print(f"recaptured (generation changed: {recapture}) on tier 1: rel err {e1:.2e}")
     if not (e1 < 1e-2 and recapture):
         failures.append("tier-1 graph")

@@ -21,14 +21,10 @@ def kit(tmp_path_factory):
     """Keys, the counting nvcc and one bundle for the whole module (built once: compiles are the cost)."""
     from jitkiln import store as store_mod
     from jitkiln.signing import generate_keypair
-    from test_fleet_util import NvccCounter
+    from test_fleet_util import isolate_fleet
     tmp = tmp_path_factory.mktemp("bundle")
     with pytest.MonkeyPatch.context() as mp:
-        nv = NvccCounter(tmp)
-        mp.setenv("JITKILN_NVCC", str(nv.path))
-        mp.setenv("JITKILN_CACHE_DIR", str(tmp / "fpcache"))
-        for var in ("JITKILN_REDIS_URL", "JITKILN_SHARED_DIR", "JITKILN_TRUST_KEYS", "JITKILN_SIGNING_KEY"):
-            mp.delenv(var, raising=False)
+        nv = isolate_fleet(mp, tmp)
         mp.setattr(store_mod, "_warned", set())
         priv, pub, _ = generate_keypair(tmp / "keys" / "builder.key")
         evil, _, _ = generate_keypair(tmp / "evil" / "evil.key")

@@ -12,7 +12,7 @@ from jitkiln.errors import UsageError
 from jitkiln.build import LocalCompile
 from jitkiln.ray_executor import RayCompile
 from jitkiln.store import Store
-from test_fleet_util import NvccCounter, artifact_digests, build, demo_plan, needs_nvcc
+from test_fleet_util import artifact_digests, build, demo_plan, isolate_fleet, needs_nvcc
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'jitkiln[ray]')")
 pytestmark = needs_nvcc
@@ -31,12 +31,8 @@ def test_no_address_is_a_clear_error(monkeypatch):
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ray")
     with pytest.MonkeyPatch.context() as mp:
-        nv = NvccCounter(tmp)
         # set before ray.init: the workers inherit the environment (same compiler wrapper, same fingerprint)
-        mp.setenv("JITKILN_NVCC", str(nv.path))
-        mp.setenv("JITKILN_CACHE_DIR", str(tmp / "fpcache"))
-        for var in ("JITKILN_REDIS_URL", "JITKILN_SHARED_DIR", "RAY_ADDRESS"):
-            mp.delenv(var, raising=False)
+        nv = isolate_fleet(mp, tmp)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  _node_ip_address="127.0.0.1")
         try:

@@ -128,16 +128,26 @@ def tree_snapshot(root: Path) -> dict[str, str]:
     return out
 
 
+FLEET_VARS = ("JITKILN_REDIS_URL", "JITKILN_SHARED_DIR", "JITKILN_TRUST_KEYS", "JITKILN_SIGNING_KEY", "RAY_ADDRESS")
+
+
+def isolate_fleet(mp: pytest.MonkeyPatch, tmp: Path) -> NvccCounter:
+    """Through ``mp``: compiles go through a counting nvcc, the cache (and fingerprint memo) lives under ``tmp``,
+    and no fleet setting of the developer's environment (Redis, shared dir, keys, Ray) leaks in."""
+    nv = NvccCounter(tmp)
+    mp.setenv("JITKILN_NVCC", str(nv.path))
+    mp.setenv("JITKILN_CACHE_DIR", str(tmp / "fpcache"))
+    for var in FLEET_VARS:
+        mp.delenv(var, raising=False)
+    return nv
+
+
 @pytest.fixture
 def fleet_env(tmp_path, monkeypatch):
     """JITKILN_NVCC -> the counting wrapper; keys: a trusted signing key and an untrusted one."""
     from jitkiln import store as store_mod
     from jitkiln.signing import generate_keypair
-    nv = NvccCounter(tmp_path)
-    monkeypatch.setenv("JITKILN_NVCC", str(nv.path))
-    monkeypatch.setenv("JITKILN_CACHE_DIR", str(tmp_path / "fpcache"))
-    for var in ("JITKILN_REDIS_URL", "JITKILN_SHARED_DIR", "JITKILN_TRUST_KEYS", "JITKILN_SIGNING_KEY"):
-        monkeypatch.delenv(var, raising=False)
+    nv = isolate_fleet(monkeypatch, tmp_path)
     priv, pub, _ = generate_keypair(tmp_path / "keys" / "builder.key")
     evil, evil_pub, _ = generate_keypair(tmp_path / "evil" / "evil.key")
     monkeypatch.setattr(store_mod, "_warned", set())  # each test sees its own warn-once messages

@@ -102,12 +102,17 @@ def test_packing_cost_model():
     assert pack.pack_cost([10, 10], 0.7) == pytest.approx(13)
 
 
-def test_builder_packs_when_cores_are_few_and_records_why(cache_dir, monkeypatch):
-    monkeypatch.delenv("JITKILN_PACK", raising=False)
+def _build_three(jobs: int, **kw):
+    """Build the demo family's 3-unit plan from an empty cache; (store, plan, the build record's JSON)."""
     store = Store()
     plan = make_plan(DEMO, "f32", THREE)
-    rec = Builder(store, jobs=1, progress=False).build(plan)
-    j = json.loads(rec.path.read_text())
+    rec = Builder(store, jobs=jobs, progress=False, **kw).build(plan)
+    return store, plan, json.loads(rec.path.read_text())
+
+
+def test_builder_packs_when_cores_are_few_and_records_why(cache_dir, monkeypatch):
+    monkeypatch.delenv("JITKILN_PACK", raising=False)
+    store, plan, j = _build_three(1)
     p = j["packing"]
     assert len(p["packs"]) == 1 and sorted(p["packs"][0]) == ["demo_gemm_f32_32x32x16_t2x2",
                                                                "demo_gemm_f32_64x64x8_t4x4"]
@@ -135,10 +140,7 @@ def test_builder_packs_when_cores_are_few_and_records_why(cache_dir, monkeypatch
 
 def test_builder_packs_urgent_units_when_a_tier0_serves(cache_dir, monkeypatch):
     monkeypatch.delenv("JITKILN_PACK", raising=False)
-    store = Store()
-    plan = make_plan(DEMO, "f32", THREE)
-    rec = Builder(store, jobs=1, progress=False, urgent_served=True).build(plan)
-    j = json.loads(rec.path.read_text())
+    store, plan, j = _build_three(1, urgent_served=True)
     assert len(j["packing"]["packs"]) == 1 and len(j["packing"]["packs"][0]) == 3
     assert "urgent ones too" in j["packing"]["reason"]
     assert all(u["pack"] and u["status"] == "compiled" for u in j["units"])
@@ -149,10 +151,7 @@ def test_builder_packs_urgent_units_when_a_tier0_serves(cache_dir, monkeypatch):
 
 def test_builder_does_not_pack_with_plenty_of_cores(cache_dir, monkeypatch):
     monkeypatch.delenv("JITKILN_NVCC_PIPELINE", raising=False)
-    store = Store()
-    plan = make_plan(DEMO, "f32", THREE)
-    rec = Builder(store, jobs=4, progress=False).build(plan)
-    j = json.loads(rec.path.read_text())
+    store, plan, j = _build_three(4)
     assert j["packing"]["packs"] == [] and "<= 4 cores" in j["packing"]["reason"]
     assert all(u["pack"] == "" and u["mode"] in ("pipelined", "sequential") for u in j["units"])
     assert "min(jobs, cores)" in j["pipeline"]["rule"]
