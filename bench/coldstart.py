@@ -39,14 +39,14 @@ import json, sys, time
 t_start = float(sys.argv[1])
 sys.path.insert(0, sys.argv[4])
 import argparse
-from jitkiln.cli import add_plan_args, plan_from_args  # (not build_parser: no subcommand extensions)
+from jitkiln.cliargs import add_plan_args, plan_from_args  # (not build_parser: no subcommand extensions)
 from jitkiln.runtime import Module
 from jitkiln.store import Store
 from jitkiln.build import Builder
 ap = argparse.ArgumentParser()
 add_plan_args(ap)
 args = ap.parse_args(json.loads(sys.argv[2]))
-plan = plan_from_args(args, require_toolchain=True)
+plan = plan_from_args(args, require_compiler=True)
 gpu = sys.argv[3] == "1"
 first_problem = plan.problems[0] if plan.problems else None
 setup_s, inputs, extra = 0.0, None, {}
@@ -172,12 +172,13 @@ def main() -> int:
     want = set(args.scenarios.split(","))
     precompile()
 
-    from jitkiln.cli import build_parser, plan_from_args
+    from jitkiln.cli import build_parser
+    from jitkiln.cliargs import plan_from_args
     plan_argv = [args.family] + [x for k in ("variant", "model", "tp", "ep", "tokens")
                                  if getattr(args, k) is not None for x in (f"--{k}", str(getattr(args, k)))]
     for s in args.shape or []:
         plan_argv += ["--shape", s]
-    plan = plan_from_args(build_parser().parse_args(["plan", *plan_argv]), require_toolchain=True)
+    plan = plan_from_args(build_parser().parse_args(["plan", *plan_argv]), require_compiler=True)
     full = list(plan.family.candidates(plan.variant))
     out_dir = Path(args.out_dir)
     pics = out_dir / f"coldstart-{args.tag}"

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from jitkiln.family import get_family  # noqa: E402
-from jitkiln.toolchain import Nvcc, parse_nvcc_time  # noqa: E402
+from jitkiln.compilers.nvcc import Nvcc, parse_nvcc_time  # noqa: E402
 
 import instance_cost  # noqa: E402
 import sass_diff  # noqa: E402

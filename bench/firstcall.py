@@ -28,7 +28,7 @@ def run(family: str, mod, problem: dict, inputs) -> dict:
     if family != "moe2stage":
         return {}
     import torch
-    from jitkiln.moe import fused_moe, torch_moe
+    from jitkiln.families.moe2stage.torch_ops import fused_moe, torch_moe
     x, w13, w2, w, ids = inputs
     tier = mod.resolve(problem).tier
     out = fused_moe(x, w13, w2, w, ids, module=mod)

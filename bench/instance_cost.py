@@ -38,11 +38,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import sass_diff  # noqa: E402
 
 from jitkiln import families  # noqa: E402,F401
-from jitkiln.build import Builder, HeaderLabels, compile_unit, default_jobs  # noqa: E402
+from jitkiln.build import Builder, compile_unit, default_jobs
+from jitkiln.headers import HeaderLabels  # noqa: E402
 from jitkiln.family import get_family  # noqa: E402
 from jitkiln.plan import make_plan  # noqa: E402
 from jitkiln.store import Store  # noqa: E402
-from jitkiln.toolchain import Nvcc, parse_nvcc_time, run_measured  # noqa: E402
+from jitkiln.compilers.base import run_measured
+from jitkiln.compilers.nvcc import Nvcc, parse_nvcc_time  # noqa: E402
 
 DEFAULT = "moe2stage_s1_bf16_128x256x64_cooperative_c2x1"
 
@@ -75,7 +77,7 @@ def run_stock(tc, spec, name: str, source: str, work: Path, mode: str = "-c") ->
 def run_ours(tc, spec, name: str, source: str, work: Path, pipeline: bool = True) -> dict:
     labels = HeaderLabels(spec, tc)
     ukey = f"instcost-{os.getpid()}"  # one working directory for both runs: comparable bytes
-    r, data, _ = compile_unit(spec, tc, labels, name, source, ukey, pipeline=pipeline)
+    r, data, _ = compile_unit(spec, tc, labels, name, source, ukey, spare_cores=int(pipeline))
     out = work / f"ours-{int(pipeline)}-{name}.so"
     out.write_bytes(data)
     return {"s": round(r.seconds, 2), "cpu_s": round(r.cpu_s, 2), "peak_rss_gib": round(r.peak_rss / 2**30, 2),
@@ -101,7 +103,7 @@ def pack_cost_run(tc, fam, spec, inst, work: Path, others: list[str], seq: dict 
         path.write_bytes(data)
         separate[u.instance.name] = {"s": round(r.seconds, 2), "peak_rss_gib": round(r.peak_rss / 2**30, 2),
                                      "artifact": str(path)}
-    pk = make_pack("moe2stage", units, [(1.0, 1)] * len(units))
+    pk = make_pack(get_family("moe2stage").packer, units, [(1.0, 1)] * len(units))
     print(f"pack: {pk.name} ({len(units)} members) ...", flush=True)
     r, data, _ = compile_unit(spec, tc, labels, pk.name, pk.source, pk.ukey)
     ppath = work / f"{pk.name}.so"
@@ -189,14 +191,14 @@ def main() -> int:
     stock = run_stock(tc, spec, inst.name, source, work)
     print(f"  {stock['s']} s {stock['phases']}", flush=True)
     print("ours: jitkiln compile_unit (pipelined) ...", flush=True)
-    ours = run_ours(tc, spec, inst.name, source, work, pipeline=True)
+    ours = run_ours(tc, spec, inst.name, source, work, spare_cores=1)
     print(f"  {ours['s']} s {ours['phases']}", flush=True)
     sd = sass_diff.sass_identical(stock["artifact"], ours["artifact"])
     res.update(stock_s=stock["s"], ours_s=ours["s"], ratio=round(ours["s"] / stock["s"], 3),
                sass_identical=sd["identical"], sass=sd, stock=stock, ours=ours)
     if args.sequential:
         print("ours, sequential nvcc ...", flush=True)
-        seq = run_ours(tc, spec, inst.name, source, work, pipeline=False)
+        seq = run_ours(tc, spec, inst.name, source, work, spare_cores=0)
         res["ours_sequential"] = seq
         res["ours_sequential_ratio"] = round(seq["s"] / stock["s"], 3)
         res["pipelined_vs_sequential_bytes_identical"] = (Path(seq["artifact"]).read_bytes()

@@ -26,10 +26,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
-from jitkiln.moe import torch_moe  # noqa: E402
+from jitkiln.families.moe2stage.torch_ops import torch_moe  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from jitkiln.moe import fused_moe  # noqa: E402
+from jitkiln.families.moe2stage.torch_ops import fused_moe  # noqa: E402
 
 SHAPES = {
     # name: (hidden, inter_dim per rank, local experts, global experts, topk)
@@ -144,14 +144,14 @@ def main():
     # the card's copy bandwidth, measured (bytes read + written)
     buf = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(buf)
-    ms_copy, _ = _time(lambda j: dst.copy_(buf), 10)
+    ms_copy, _ = _time(lambda j: dst.copy_(buf), 10)  # noqa: F821
     copy_bw = 2 * buf.numel() / ms_copy / 1e6  # GB/s
-    del buf, dst
+    del buf, dst  # noqa: F821
     m = torch.randn(8192, 8192, device=dev, generator=gen).to(torch.bfloat16)
     n = torch.randn(8192, 8192, device=dev, generator=gen).to(torch.bfloat16)
-    ms_mm, _ = _time(lambda j: m @ n, 10)
+    ms_mm, _ = _time(lambda j: m @ n, 10)  # noqa: F821
     peak_tf = 2 * 8192 ** 3 / ms_mm / 1e9
-    del m, n
+    del m, n  # noqa: F821
     rows_out = []
     print(f"device {props.name}, {props.multi_processor_count} SMs, copy bandwidth {copy_bw:.0f} GB/s, "
           f"bf16 8192^3 matmul {peak_tf:.0f} TFLOP/s", flush=True)

@@ -24,8 +24,8 @@ def _children_cpu() -> float:
 
 def write_ninja(build_dir: Path, plan, instances, launcher: str | None = None) -> Path:
     """A build.ninja that compiles each instance's unit to an object and links one module."""
-    from jitkiln.toolchain import Nvcc
-    tc = plan.toolchain or Nvcc.find()
+    from jitkiln.compilers.nvcc import Nvcc
+    tc = plan.compiler or Nvcc.find()
     spec = plan.spec
     src = build_dir / "src"
     src.mkdir(parents=True, exist_ok=True)

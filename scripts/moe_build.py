@@ -39,7 +39,7 @@ def build(variant="bf16", out_dir=None, jobs=None, verbose=True):
     """Build (or find in the cache) every candidate of ``variant``; return (module, {name: (seconds, note)}).
     ``out_dir`` is ignored: instances live in the jitkiln cache ($JITKILN_CACHE_DIR)."""
     fam = get_family("moe2stage")
-    plan = make_plan(fam, variant, [], full=True, require_toolchain=True)
+    plan = make_plan(fam, variant, [], full=True, require_compiler=True)
     store = Store()
     rec = Builder(store, jobs=jobs, progress=verbose).build(plan)
     mod = Module(plan, store, policy="error")

@@ -24,13 +24,14 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from moe_build import ForcedModule, build  # noqa: E402
 
-from jitkiln.moe import fused_moe, quantize_1x128, reference_moe  # noqa: E402
+from jitkiln.families.moe2stage.torch_ops import fused_moe, quantize_1x128, reference_moe  # noqa: E402
 
 TOL = {"bf16": 1e-2, "fp8": 3e-2, "fp8b128": 2e-2}
 # fp8: against a reference that rounds x and the activation to e4m3 like the kernels do (kernel-exact), the
 # error is bf16-level plus the FP8 fast-accumulation schedules' loss (wgmma accumulates fp8 products without
 # periodic promotion to float32) plus rare one-ulp e4m3 flips: measured up to 1.86e-2 at K = 7168
-# (2026 run, seed 63808933) against a first bound of 2e-2 set before that run; raised to 3e-2 after it. Against the unquantized-activation reference ("model" error, reported) two e4m3
+# (2026 run, seed 63808933) against a first bound of 2e-2 set before that run; raised to 3e-2 after it.
+# Against the unquantized-activation reference ("model" error, reported) two e4m3
 # roundings of RMS 2^-3/sqrt(12) = 3.6 % each give ~sqrt(2) * 3.6 % = 5.1 %: documented bound 8e-2.
 TOL_FP8_MODEL = 8e-2
 # fp8b128 (128-block scales; weights 128x128, activations 1x128 quantized on the GPU): against the kernel-exact

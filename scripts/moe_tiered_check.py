@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
 from jitkiln.families.moe2stage import MoEShape  # noqa: E402
-from jitkiln.moe import fused_moe, module_for, reference_moe  # noqa: E402
+from jitkiln.families.moe2stage.torch_ops import fused_moe, module_for, reference_moe  # noqa: E402
 from jitkiln.store import Store  # noqa: E402
 from jitkiln.tokens import parse_tokens  # noqa: E402
 

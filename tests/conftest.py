@@ -1,7 +1,5 @@
-import os
 import shutil
 import stat
-import sys
 import textwrap
 from pathlib import Path
 

@@ -31,7 +31,7 @@ def tree():
 
 
 def _compare(mod, blob_dir=None):
-    from jitkiln.families.ck2stages import cxx_check
+    import ck2stages_cxx_check as cxx_check
     res = cxx_check.run_cxx(mod, blob_dir)
     assert res, "the harness printed nothing"
     return res, {k: cxx_check.python_view(mod, *k) for k in res}
@@ -75,7 +75,7 @@ def _blob_check(tree, tmp_path, variant, problems, arch="gfx950"):
     assert sorted(p.stem for p in (out / "instances").glob("*.cu")) == sorted(planned)
     for n in planned:  # AITER's generated units, byte for byte
         assert (out / "instances" / f"{n}.cu").read_text() == mod.blob.instances[n]
-    from jitkiln.families.ck2stages import cxx_check
+    import ck2stages_cxx_check as cxx_check
     res = cxx_check.run_cxx(mod, out)
     full = {k: cxx_check.python_view(mod, *k) for k in res}
     served = 0

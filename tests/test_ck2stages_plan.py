@@ -4,12 +4,10 @@ from __future__ import annotations
 import ast
 import csv
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 
-from jitkiln.errors import JitkilnError, MissingInstance, UsageError
+from jitkiln.errors import MissingInstance, UsageError
 
 
 def _tree():
@@ -219,7 +217,7 @@ def test_render_is_aiters_instance_plus_c_abi(fam, tree, tmp_path):
     from jitkiln.families.ck2stages.variants import VARIANTS
     run_generator(tree, VARIANTS["a4w4"].generator_args(), "gfx950", gen)
     assert (gen / "instances" / f"{inst.name}.cu").read_text() in unit
-    assert f'extern "C"' in unit and inst.symbol in unit and f"jk_name_{inst.digest[:16]}" in unit
+    assert 'extern "C"' in unit and inst.symbol in unit and f"jk_name_{inst.digest[:16]}" in unit
     assert "ck_moe_stage2_gemm<" in unit
     spec = fam.compile_spec("a4w4", "gfx950")
     assert spec.toolchain == "hip" and spec.arch == "gfx950"

@@ -2,7 +2,6 @@
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,13 +13,13 @@ import pytest
 from conftest import make_wrapper
 from jitkiln.build import Builder
 from jitkiln.cli import main
-from jitkiln.errors import CompileError, CompilerKilled, MissingInstance, StoreError, StoreFull, ToolchainNotFound
-from jitkiln.families.demo import Demo, DemoGemm
+from jitkiln.errors import CompileError, CompilerKilled, MissingInstance, StoreFull, ToolchainNotFound
+from jitkiln.families.demo import Demo
 from jitkiln.family import CompileSpec, get_family
 from jitkiln.plan import make_plan
 from jitkiln.runtime import Module, load
 from jitkiln.store import Store
-from jitkiln.toolchain import Nvcc
+from jitkiln.compilers.nvcc import Nvcc
 
 DEMO = get_family("demo")
 ONE = [{"m": 8, "n": 64, "k": 64}]  # one instance: the skinny tile
@@ -314,7 +313,7 @@ def test_doctor(cache_dir, capsys):
 
 def test_header_digest_memo_sees_a_change_that_keeps_size_and_mtime(cache_dir, tmp_path):
     from jitkiln import digests
-    from jitkiln.toolchain import file_digest
+    from jitkiln.compilers.base import file_digest
     h = tmp_path / "h.h"
     h.write_text("#define A 1\n")
     st = os.stat(h)
@@ -332,12 +331,12 @@ def test_fingerprint_sees_through_wrapper_scripts(tmp_path, monkeypatch):
     """nvcc is often a wrapper script (``exec /usr/local/cuda-X/bin/nvcc "$@"``; the tests' counting wrapper is
     one too): the fingerprint must still cover the toolkit's cicc, ptxas, cudafe++, fatbinary and nvlink."""
     from conftest import REAL_NVCC, make_wrapper
-    from jitkiln.toolchain import Nvcc
+    from jitkiln.compilers.nvcc import Nvcc
     w = make_wrapper(tmp_path / "nvcc", tmp_path / "calls.log", real=REAL_NVCC)
     w2 = make_wrapper(tmp_path / "nvcc-outer", tmp_path / "calls2.log", real=str(w))  # a wrapper of a wrapper
     monkeypatch.setenv("JITKILN_NVCC", str(w2))
     tc = Nvcc.find()
-    names = [os.path.basename(b) for b in tc._binaries()]
+    names = [os.path.basename(b) for b in tc.binaries()]
     for tool in ("cicc", "ptxas", "cudafe++", "fatbinary", "nvlink"):
         assert tool in names, names
     assert os.path.isfile(os.path.join(tc.root, "bin", "nvcc")) and os.path.realpath(w2) != tc.root

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from jitkiln.cli import main, parse_tokens
+from jitkiln.cli import main
+from jitkiln.tokens import parse_tokens
 from jitkiln.errors import JitkilnError, UsageError
 from jitkiln.families.demo import Demo, DemoGemm
 from jitkiln.family import get_family

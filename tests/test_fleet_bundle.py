@@ -9,7 +9,7 @@ import tarfile
 import pytest
 
 from jitkiln.cli import main
-from jitkiln.signing import Signer
+from jitkiln.fleet.signing import Signer
 from jitkiln.store import Store
 from test_fleet_util import build, demo_plan, needs_nvcc, tree_snapshot
 
@@ -19,8 +19,8 @@ pytestmark = needs_nvcc
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory):
     """Keys, the counting nvcc and one bundle for the whole module (built once: compiles are the cost)."""
-    from jitkiln import store as store_mod
-    from jitkiln.signing import generate_keypair
+    from jitkiln.fleet import store as store_mod
+    from jitkiln.fleet.signing import generate_keypair
     from test_fleet_util import isolate_fleet
     tmp = tmp_path_factory.mktemp("bundle")
     with pytest.MonkeyPatch.context() as mp:

@@ -10,7 +10,7 @@ import pytest
 
 from jitkiln.errors import UsageError
 from jitkiln.build import LocalCompile
-from jitkiln.ray_executor import RayCompile
+from jitkiln.fleet.ray import RayCompile
 from jitkiln.store import Store
 from test_fleet_util import artifact_digests, build, demo_plan, isolate_fleet, needs_nvcc
 

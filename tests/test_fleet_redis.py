@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from jitkiln.remote import RedisTier, store_from_env
-from jitkiln.signing import Signer
+from jitkiln.fleet.config import store_from_env
+from jitkiln.fleet.remotes import RedisRemote as RedisTier
+from jitkiln.fleet.signing import Signer
 from test_fleet_util import RedisServer, artifact_digests, build, demo_plan, fleet_env, needs_nvcc  # noqa: F401
 
 pytestmark = needs_nvcc
@@ -43,7 +44,7 @@ def test_second_root_compiles_nothing(fleet_env, redis_server, tmp_path):
     assert len(rec.compiled) == 3 and nv.calls == 3
     # namespaced by toolchain and arch
     objs = redis_keys(redis_server, "jitkiln:v1:*:obj:*")
-    assert len(objs) == 3 and all(f":{plan.toolchain_fp}:sm_90a:obj:" in k for k in objs), objs
+    assert len(objs) == 3 and all(f":{plan.compiler_fp}:sm_90a:obj:" in k for k in objs), objs
     b = fleet_store(tmp_path / "b", fleet_env, redis_server.url, sign=False)  # a reader: trusts, cannot write
     rec = build(b, plan)
     assert nv.calls == 3, "the second cache root must not compile anything"
@@ -176,7 +177,7 @@ def test_without_trusted_keys_remote_entries_are_refused(fleet_env, redis_server
     plan = demo_plan(shapes=[{"m": 8, "n": 512, "k": 256}])
     build(fleet_store(tmp_path / "a", fleet_env, redis_server.url), plan)
     capfd.readouterr()
-    from jitkiln import remote
+    from jitkiln.fleet import config as remote
     remote._config_noted.clear()
     b = store_from_env(tmp_path / "b", env={"JITKILN_REDIS_URL": redis_server.url})
     rec = build(b, plan)

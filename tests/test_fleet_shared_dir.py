@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from jitkiln.remote import SharedDirTier, store_from_env
-from jitkiln.signing import Signer
+from jitkiln.fleet.config import store_from_env
+from jitkiln.fleet.remotes import SharedDirRemote as SharedDirTier
+from jitkiln.fleet.signing import Signer
 from test_fleet_util import artifact_digests, build, demo_plan, fleet_env, needs_nvcc  # noqa: F401
 
 pytestmark = needs_nvcc
@@ -32,7 +33,7 @@ def test_two_roots_share_a_directory(fleet_env, tmp_path):
     build(a, plan)
     assert nv.calls == 3
     spaces = os.listdir(shared / "v1" / "ns")
-    assert spaces == [f"{plan.toolchain_fp}:sm_90a"]
+    assert spaces == [f"{plan.compiler_fp}:sm_90a"]
     assert not os.listdir(shared / "v1" / "tmp"), "no temporary directory is left behind"
     b = shared_store(tmp_path / "b", fleet_env, shared, sign=False)
     rec = build(b, plan)

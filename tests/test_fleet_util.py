@@ -105,7 +105,7 @@ exec "{REAL_NVCC}" "$@"
 
 def demo_plan(variant: str = "f32", shapes: list[dict] | None = None):
     fam = get_family("demo")
-    return make_plan(fam, variant, shapes or fam.default_problems(variant), require_toolchain=True)
+    return make_plan(fam, variant, shapes or fam.default_problems(variant), require_compiler=True)
 
 
 def build(store: Store, plan, jobs: int = 2, executor=None):
@@ -145,8 +145,8 @@ def isolate_fleet(mp: pytest.MonkeyPatch, tmp: Path) -> NvccCounter:
 @pytest.fixture
 def fleet_env(tmp_path, monkeypatch):
     """JITKILN_NVCC -> the counting wrapper; keys: a trusted signing key and an untrusted one."""
-    from jitkiln import store as store_mod
-    from jitkiln.signing import generate_keypair
+    from jitkiln.fleet import store as store_mod
+    from jitkiln.fleet.signing import generate_keypair
     nv = isolate_fleet(monkeypatch, tmp_path)
     priv, pub, _ = generate_keypair(tmp_path / "keys" / "builder.key")
     evil, evil_pub, _ = generate_keypair(tmp_path / "evil" / "evil.key")

@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 
 from jitkiln import pack
-from jitkiln.build import Builder, HeaderLabels, compile_unit, pipeline_choice
+from jitkiln.build import Builder, compile_unit
+from jitkiln.compilers.nvcc_pipeline import should_pipeline
+from jitkiln.headers import HeaderLabels
 from jitkiln.family import get_family
 from jitkiln.plan import make_plan
 from jitkiln.runtime import Module
 from jitkiln.store import Store
-from jitkiln.toolchain import Nvcc
+from jitkiln.compilers.nvcc import Nvcc
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -38,7 +40,7 @@ def test_pipelined_compile_is_byte_identical_to_nvcc(tmp_path, monkeypatch):
     labels = HeaderLabels(plan.spec, tc)
     r_seq, data_seq, deps_seq = compile_unit(plan.spec, tc, labels, u.instance.name, u.source, u.ukey)
     r_pip, data_pip, deps_pip = compile_unit(plan.spec, tc, labels, u.instance.name, u.source, u.ukey,
-                                             pipeline=True)
+                                             spare_cores=1)
     assert "(pipelined)" in r_pip.command and "(pipelined)" not in r_seq.command
     assert data_pip == data_seq  # the same commands, run as a graph: the same artifact bytes
     assert deps_pip == deps_seq  # the same headers (host + device preprocessors), so the same entry key
@@ -53,18 +55,19 @@ def test_pipeline_compile_error_is_reported(tmp_path, monkeypatch):
     from jitkiln.errors import CompileError
     with pytest.raises(CompileError) as ei:
         compile_unit(plan.spec, tc, HeaderLabels(plan.spec, tc), "broken", u.source + "\nint x = ;\n", "broken0",
-                     pipeline=True)
+                     spare_cores=1)
     assert "error" in ei.value.details
 
 
 def test_pipeline_choice(monkeypatch):
+    # the builder gives the cores that would idle: min(jobs, cores) - (units running + units waiting)
     monkeypatch.delenv("JITKILN_NVCC_PIPELINE", raising=False)
-    assert pipeline_choice(running=1, waiting=0, cores=2)  # a spare core: host front end beside device
-    assert not pipeline_choice(running=2, waiting=0, cores=2)
-    assert not pipeline_choice(running=1, waiting=5, cores=2)  # the core is better spent on another unit
-    assert pipeline_choice(running=6, waiting=0, cores=16)
+    assert should_pipeline(2 - 1 - 0)  # a spare core: host front end beside device
+    assert not should_pipeline(2 - 2 - 0)
+    assert not should_pipeline(2 - 1 - 5)  # the core is better spent on another unit
+    assert should_pipeline(16 - 6 - 0)
     monkeypatch.setenv("JITKILN_NVCC_PIPELINE", "0")
-    assert not pipeline_choice(running=1, waiting=0, cores=16)
+    assert not should_pipeline(16 - 1 - 0)
 
 
 def _fake(n, cost=34.0, urgent=0, mem=3 << 30):
@@ -79,25 +82,25 @@ def _fake(n, cost=34.0, urgent=0, mem=3 << 30):
 
 def test_packing_cost_model():
     # plenty of cores: the critical path matters, every unit separately
-    c = pack.choose("moe2stage", _fake(6), cores=16, mem_avail=100 << 30)
+    c = pack.choose(get_family("moe2stage").packer, _fake(6), cores=16, mem_avail=100 << 30)
     assert all(len(g) == 1 for g in c.groups) and "<= 16 cores" in c.reason
     # few cores: total work matters; 6 x 34 s on 2 cores = 102 s, two packs of 3 ~ 54 s
-    c = pack.choose("moe2stage", _fake(6), cores=2, mem_avail=100 << 30)
+    c = pack.choose(get_family("moe2stage").packer, _fake(6), cores=2, mem_avail=100 << 30)
     assert sorted(len(g) for g in c.groups) == [3, 3]
     assert c.estimate_packed_s < 0.6 * c.estimate_separate_s and "packed as 3+3" in c.reason
     # urgent units are never packed (they are needed first)
-    c = pack.choose("moe2stage", _fake(6, urgent=2), cores=2, mem_avail=100 << 30)
+    c = pack.choose(get_family("moe2stage").packer, _fake(6, urgent=2), cores=2, mem_avail=100 << 30)
     assert [len(g) for g in c.groups][:2] == [1, 1] and "2 urgent units separately" in c.reason
     # ... unless a tier 0 serves the calls meanwhile: then every unit may join a pack
-    c = pack.choose("moe2stage", _fake(6, urgent=2), cores=2, mem_avail=100 << 30, urgent_served=True)
+    c = pack.choose(get_family("moe2stage").packer, _fake(6, urgent=2), cores=2, mem_avail=100 << 30, urgent_served=True)
     assert sorted(len(g) for g in c.groups) == [3, 3] and "urgent ones too" in c.reason
     assert "separately\"" not in c.reason and "urgent units separately" not in c.reason
     # memory bounds the packs
-    c = pack.choose("moe2stage", _fake(6), cores=2, mem_avail=7 << 30)
+    c = pack.choose(get_family("moe2stage").packer, _fake(6), cores=2, mem_avail=7 << 30)
     assert all(len(g) == 1 for g in c.groups) or max(len(g) for g in c.groups) <= 2
     # a family without a packer, or packing off
-    assert "no packer" in pack.choose("ck2stages", _fake(6), cores=1, mem_avail=100 << 30).reason
-    assert "disabled" in pack.choose("demo", _fake(6), 1, 100 << 30, enabled=False).reason
+    assert "no packer" in pack.choose(get_family("ck2stages").packer, _fake(6), cores=1, mem_avail=100 << 30).reason
+    assert "disabled" in pack.choose(get_family("demo").packer, _fake(6), 1, 100 << 30, enabled=False).reason
     assert pack.makespan([3, 3, 2, 2, 2], 2) == 7  # longest first, as the Builder runs them
     assert pack.pack_cost([10, 10], 0.7) == pytest.approx(13)
 
@@ -154,7 +157,7 @@ def test_builder_does_not_pack_with_plenty_of_cores(cache_dir, monkeypatch):
     store, plan, j = _build_three(4)
     assert j["packing"]["packs"] == [] and "<= 4 cores" in j["packing"]["reason"]
     assert all(u["pack"] == "" and u["mode"] in ("pipelined", "sequential") for u in j["units"])
-    assert "min(jobs, cores)" in j["pipeline"]["rule"]
+    assert "min(jobs, cores)" in j["compiler_policy"]
     # one unit to build and a spare core: it compiles pipelined, and loads
     one = make_plan(DEMO, "f64", [{"m": 8, "n": 64, "k": 64}])
     rec = Builder(store, jobs=4, progress=False).build(one)
@@ -173,7 +176,7 @@ def test_packed_kernels_have_the_same_sass(tmp_path, monkeypatch):
     tc = Nvcc.find()
     labels = HeaderLabels(plan.spec, tc)
     members = [u for u in plan.units if not u.urgent]
-    pk = pack.make_pack("demo", members, [(2.0, 1)] * len(members))
+    pk = pack.make_pack(get_family("demo").packer, members, [(2.0, 1)] * len(members))
     _, packed, _ = compile_unit(plan.spec, tc, labels, pk.name, pk.source, pk.ukey)
     (tmp_path / "pack.so").write_bytes(packed)
     for u in members:

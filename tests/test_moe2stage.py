@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import subprocess
 
 import pytest
 
@@ -165,7 +164,7 @@ def test_compile_spec(fam):
         assert "nvidia-cutlass" in getattr(e, "hint", "")
         return
     assert "-DNDEBUG" in spec.flags and spec.arch == "sm_90a"
-    from jitkiln.toolchain import Nvcc
+    from jitkiln.compilers.nvcc import Nvcc
     assert "-gencode=arch=compute_90a,code=sm_90a" in Nvcc.gencode(spec.arch)
     assert any(d.endswith(os.path.join("source", "include")) or "include" in d for d in spec.include_dirs)
     with pytest.raises(UsageError):
@@ -173,7 +172,7 @@ def test_compile_spec(fam):
 
 
 def test_moe_api_imports_without_torch_and_validates():
-    import jitkiln.moe as m
+    import jitkiln.families.moe2stage.torch_ops as m
     assert m.fused_moe and m.ACTIVATIONS == {"silu": 0, "gelu": 1}
     torch = pytest.importorskip("torch")
     x = torch.zeros(2, 16, dtype=torch.bfloat16)
@@ -185,7 +184,7 @@ def test_moe_api_imports_without_torch_and_validates():
 
 def test_reference_moe_cpu():
     torch = pytest.importorskip("torch")
-    from jitkiln.moe import reference_moe
+    from jitkiln.families.moe2stage.torch_ops import reference_moe
     g = torch.Generator().manual_seed(0)
     T, H, I, E, k = 5, 16, 8, 4, 2
     x = torch.randn(T, H, generator=g)
@@ -221,7 +220,7 @@ def test_real_nvcc_compile_one_instance(fam, cache_dir):
     # Kimi-K2 at tp 8, 4096 tokens: stage 2 is the small-inter_dim kernel (inter_dim = 256)
     problem = {"tokens": 4096, "hidden": 7168, "inter_dim": 256, "experts": 384, "topk": 8}
     inst = fam.select("bf16", problem)["stage2"]
-    plan = make_plan(fam, "bf16", [problem], require_toolchain=True)
+    plan = make_plan(fam, "bf16", [problem], require_compiler=True)
     unit = plan.unit_for(inst)
     store = Store()
     rec = Builder(store, jobs=1, progress=False).build(plan, [unit])
@@ -296,7 +295,7 @@ def test_fp8b128_render(fam):
 
 
 def _b128_inputs(torch, T=5, H=256, I=128, E=4, k=2, seed=0):
-    from jitkiln.moe import BLOCK
+    from jitkiln.families.moe2stage.torch_ops import BLOCK
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, H, generator=g).to(torch.bfloat16)
 
@@ -314,7 +313,7 @@ def _b128_inputs(torch, T=5, H=256, I=128, E=4, k=2, seed=0):
 
 def test_fp8b128_quantize_1x128():
     torch = pytest.importorskip("torch")
-    from jitkiln.moe import quantize_1x128
+    from jitkiln.families.moe2stage.torch_ops import quantize_1x128
     v = torch.randn(3, 256) * torch.tensor([1e-3, 1.0, 1e3])[:, None]
     v[1, 128:] = 0
     q, s = quantize_1x128(v)
@@ -327,7 +326,7 @@ def test_fp8b128_quantize_1x128():
 
 def test_fp8b128_reference_and_tier0_cpu():
     torch = pytest.importorskip("torch")
-    from jitkiln.moe import dequant_blocks, quantize_1x128, reference_moe, torch_moe
+    from jitkiln.families.moe2stage.torch_ops import dequant_blocks, quantize_1x128, reference_moe, torch_moe
     x, q13, s13, q2, s2, ids, w = _b128_inputs(torch)
     T, H = x.shape
     I = q2.shape[2]
@@ -364,7 +363,7 @@ def test_fp8b128_reference_and_tier0_cpu():
 
 def test_fp8b128_validation_cpu():
     torch = pytest.importorskip("torch")
-    from jitkiln.moe import _check_b128, _is_block_scaled
+    from jitkiln.families.moe2stage.torch_ops import _check_b128, _is_block_scaled
     x, q13, s13, q2, s2, ids, w = _b128_inputs(torch)
     assert _is_block_scaled(s13, q13) and not _is_block_scaled(torch.ones(4), q13)
     _check_b128(x, q13, q2, None, s13, None, s2)  # ok

@@ -1,105 +1,71 @@
-"""Command line: ``jitkiln plan|build|report|cache|doctor`` (and the subcommands families and the fleet add)."""
+"""Command line: ``jitkiln plan|build|report|cache|doctor|toolchain``, and the subcommands other modules add
+through the ``jitkiln.commands`` entry-point group (``add_cli(subparsers)``): the fleet's ``prebuild``, ``seed``,
+``keygen``; a family's or a front end's own commands."""
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
-import re
 import shutil
+import signal
+import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
+from . import compilers
+from .build import Builder
+from .cliargs import (ArgumentParser, add_plan_args, executor_from_args, plan_from_args, positive_int,
+                      store_from_args)
+from .compilers.base import kill_compilers
+from .cutlass import cutlass_include_dirs
 from .errors import JitkilnError, UsageError
-from .tokens import parse_tokens
-
-# Modules that may add subcommands through ``add_cli(subparsers)`` (absent ones are skipped).
-EXTENSIONS = ("jitkiln.families.ck2stages", "jitkiln.bundle")
-
-
-def parse_shapes(items: Sequence[str] | None) -> list[dict]:
-    shapes = []
-    for item in items or []:
-        d = {}
-        for kv in item.split(","):
-            k, sep, v = kv.partition("=")
-            if not sep or not k.strip():
-                raise UsageError(f"bad --shape {item!r}: give K=V pairs separated by commas, e.g. m=128,n=256,k=64")
-            v = v.strip()
-            d[k.strip()] = int(v) if re.fullmatch(r"-?\d+", v) else v
-        shapes.append(d)
-    return shapes
-
-
-def add_plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("family", help="kernel family (see `jitkiln doctor` for the list)")
-    p.add_argument("--variant", help="variant (dtype tag); the family's first by default")
-    p.add_argument("--model", help="a model config.json path, or a built-in model name (e.g. kimi-k2)")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (default 1)")
-    p.add_argument("--ep", type=int, default=1, help="expert parallel size (default 1)")
-    p.add_argument("--tokens", help="token counts: a range (1-8192: the sizes a server captures) or a list")
-    p.add_argument("--shape", action="append", metavar="K=V,...", help="a problem shape (repeatable)")
-    p.add_argument("--arch", help="target arch (sm_90a, gfx950...)")
-    p.add_argument("--full", action="store_true", help="plan every candidate (the full module)")
-    p.add_argument("--aiter-root", help="ck2stages: the AITER tree to plan from (default: $JITKILN_AITER_ROOT, "
-                                        "else the installed amd-aiter)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-
-
-def plan_from_args(args, require_toolchain: bool = False):
-    from .family import get_family
-    from .plan import make_plan
-    fam = get_family(args.family)
-    opts = {"aiter_root": args.aiter_root} if getattr(args, "aiter_root", None) else {}
-    fam.configure(arch=args.arch, **opts)
-    variant = fam.check_variant(args.variant)
-    if args.tp < 1 or args.ep < 1:
-        raise UsageError("--tp and --ep must be positive integers")
-    problems = fam.problems(variant, shapes=parse_shapes(args.shape), model=args.model, tp=args.tp, ep=args.ep,
-                            tokens=parse_tokens(args.tokens) if args.tokens else None)
-    return make_plan(fam, variant, problems, arch=args.arch, full=args.full, require_toolchain=require_toolchain)
-
-
-def store_from_args(args):
-    from .store import Store
-    if getattr(args, "cache_dir", None):
-        return Store(args.cache_dir)
-    try:
-        from .remote import store_from_env  # fleet tiers from the environment, when configured
-    except ImportError:
-        return Store()
-    return store_from_env()
+from .family import family_names
+from .plan import format_table
+from .plugins import entry_points
+from .report import format_text, load_record, summarize, timeline
+from .sizes import parse_age, parse_size
+from .store import Store, default_root
 
 
 def cmd_plan(args) -> int:
-    from .plan import format_table
     plan = plan_from_args(args)
-    if args.json:
-        print(json.dumps(plan.to_json(), indent=1))
-    else:
-        print(format_table(plan))
+    print(json.dumps(plan.to_json(), indent=1) if args.json else format_table(plan))
     return 0
 
 
+def _out_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {path} is a file, not a folder", hint="give a folder (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create --out {path}: {e.strerror or e}") from None
+    return out
+
+
 def cmd_build(args) -> int:
-    from .build import Builder
-    from .plan import format_table
-    from .report import format_text, load_record
-    plan = plan_from_args(args, require_toolchain=True)
+    plan = plan_from_args(args, require_compiler=True)
+    out = _out_dir(args.out) if args.out else None
     store = store_from_args(args)
-    store.ensure()  # an unusable cache is the first thing to say, before any output
-    executor = None
-    if args.executor == "ray":
-        from .ray_executor import RayCompile
-        executor = RayCompile(address=args.ray_address)
+    store.check_root()  # an unusable cache is the first thing to say, before any output
+    executor = executor_from_args(args)
     if not args.json:
         print(format_table(plan), file=sys.stderr)
     builder = Builder(store, jobs=args.jobs, progress=not args.no_progress, executor=executor)
     rec = builder.build(plan)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if rec.path is None:  # every unit was a hit: no compile, no record written
+        d = rec.to_json()
+        print(f"all {len(d['cache_hits'])} planned units are in the cache {store.base}; nothing to compile",
+              file=sys.stderr if args.json else sys.stdout)
+        if args.json:
+            print(json.dumps({k: d[k] for k in ("family", "variant", "module_key", "compiled", "cache_hits",
+                                                "failed", "wall_s", "critical_path_s", "compiler_cpu_s", "jobs")}
+                             | {"record": None}))
+        return 0
+    if out:
         shutil.copy(rec.ninja_log, out / ".ninja_log")
         shutil.copy(rec.path, out / "build.json")
     if args.report or not args.json:
@@ -114,7 +80,6 @@ def cmd_build(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import format_text, load_record, summarize, timeline
     store = store_from_args(args)
     rec = load_record(args.record, store)
     if args.timeline:
@@ -126,20 +91,6 @@ def cmd_report(args) -> int:
         if args.timeline:
             print(f"timeline: {args.timeline}")
     return 0
-
-
-def parse_size(s: str) -> int:
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", s.strip().lower())
-    if not m:
-        raise UsageError(f"bad size {s!r}: give e.g. 500M or 20G")
-    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
-
-
-def parse_age(s: str) -> float:
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", s.strip().lower())
-    if not m:
-        raise UsageError(f"bad age {s!r}: give e.g. 30d, 12h or 3600s")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
 
 
 def cmd_cache(args) -> int:
@@ -170,82 +121,73 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def _gpu() -> str | None:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        return subprocess.run([smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
 def cmd_doctor(args) -> int:
-    from .family import family_names
-    from .store import Store, default_root
-    report: dict = {}
+    report: dict = {"compilers": {}}
     advice: list[str] = []
+    for name in compilers.names():
+        if name == "fake":
+            continue
+        try:
+            report["compilers"][name] = compilers.get_compiler(name).describe()
+        except (JitkilnError, ImportError) as e:
+            report["compilers"][name] = None
+            if isinstance(e, JitkilnError):
+                advice.append(f"{name}: {e.reason}; {e.hint}")
     try:
-        from .toolchain import Nvcc
-        tc = Nvcc.find()
-        report["nvcc"] = tc.describe()
-    except JitkilnError as e:
-        report["nvcc"] = None
-        advice.append(f"nvcc: {e.reason}; {e.hint}")
-    try:
-        from .cutlass import cutlass_include_dirs
         report["cutlass"] = cutlass_include_dirs()[0]
-    except ImportError:
-        report["cutlass"] = None
     except JitkilnError as e:
         report["cutlass"] = None
         advice.append(f"CUTLASS: {e.reason}; {e.hint}")
-    try:
-        from .toolchain import get_toolchain
-        report["hip"] = get_toolchain("hip").describe()
-    except (JitkilnError, ImportError) as e:
-        report["hip"] = None
-        if isinstance(e, JitkilnError):
-            advice.append(f"ROCm (only for AMD builds): {e.reason}")
-    gpu = None
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        import subprocess
-        try:
-            gpu = subprocess.run([smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20).stdout.strip() or None
-        except (OSError, subprocess.TimeoutExpired):
-            gpu = None
-    report["gpu"] = gpu
+    gpu = report["gpu"] = _gpu()
     if not gpu:
         advice.append("GPU: none found; planning, building and caching work without one, launching kernels needs one")
     root = Path(args.cache_dir) if args.cache_dir else default_root()
-    st = Store(root)
-    report["cache"] = {"path": str(root), "exists": root.exists(),
-                       "entries": sum(1 for _ in st.entries()) if root.exists() else 0,
-                       "size_mb": round(st.size() / 2**20, 2) if root.exists() else 0.0,
-                       "writable": os.access(root if root.exists() else root.parent, os.W_OK)}
+    report["cache"] = {"path": str(root), "exists": root.exists(), "writable": os.access(
+        root if root.exists() else root.parent, os.W_OK)}
+    if root.is_dir():
+        st = Store(root)
+        report["cache"].update(entries=sum(1 for _ in st.entries()), size_mb=round(st.size() / 2**20, 2))
     report["families"] = family_names()
-    for mod, pkg in (("redis", "redis"), ("cryptography", "cryptography"), ("ray", "ray"),
-                     ("matplotlib", "matplotlib"), ("torch", "torch")):
+    for mod in ("redis", "cryptography", "ray", "matplotlib", "torch"):
         try:
             importlib.import_module(mod)
             report[mod] = True
         except ImportError:
             report[mod] = False
     report["advice"] = advice
+    report.update(report["compilers"])  # also by name at the top level ("nvcc", "hip")
     if args.json:
         print(json.dumps(report, indent=1))
-    else:
-        nv = report["nvcc"]
-        print(f"nvcc:      {nv['path'] + ' (' + nv['version'] + ', ' + nv['fingerprint'] + ')' if nv else 'NOT FOUND'}")
-        print(f"CUTLASS:   {report['cutlass'] or 'not found (pip install nvidia-cutlass)'}")
-        print(f"ROCm/HIP:  {report['hip']['path'] if report['hip'] else 'not found'}")
-        print(f"GPU:       {gpu or 'none'}")
-        c = report["cache"]
-        print(f"cache:     {c['path']} ({c['entries']} entries, {c['size_mb']} MB"
-              f"{'' if c['writable'] else ', NOT WRITABLE'})")
-        print(f"families:  {', '.join(report['families'])}")
-        print("optional:  " + ", ".join(f"{m} {'yes' if report[m] else 'no'}"
-                                        for m in ("torch", "redis", "cryptography", "ray", "matplotlib")))
-        for a in advice:
-            print(f"advice:    {a}")
+        return 0
+    for name, c in report["compilers"].items():
+        print(f"{name + ':':10} {c['path'] + ' (' + c['version'] + ', ' + c['fingerprint'] + ')' if c else 'NOT FOUND'}")
+    print(f"CUTLASS:   {report['cutlass'] or 'not found (pip install nvidia-cutlass)'}")
+    print(f"GPU:       {gpu or 'none'}")
+    c = report["cache"]
+    print(f"cache:     {c['path']} ({c.get('entries', 0)} entries, {c.get('size_mb', 0.0)} MB"
+          f"{'' if c['writable'] else ', NOT WRITABLE'})")
+    print(f"families:  {', '.join(report['families'])}")
+    print("optional:  " + ", ".join(f"{m} {'yes' if report[m] else 'no'}"
+                                    for m in ("torch", "redis", "cryptography", "ray", "matplotlib")))
+    for a in advice:
+        print(f"advice:    {a}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="jitkiln", description="Plan exactly the GPU kernel instances your shapes "
-                                 "need, build each once, cache and load them.")
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="jitkiln", description="Plan exactly the GPU kernel instances your shapes "
+                        "need, build each once, cache and load them.")
     ap.add_argument("--version", action="version", version=f"jitkiln {__import__('jitkiln').__version__}")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
 
@@ -255,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="build the planned instances the cache lacks (each once, in parallel)")
     add_plan_args(p)
-    p.add_argument("--jobs", "-j", type=int, help="parallel compiles (default: cores, bounded by free memory)")
+    p.add_argument("--jobs", "-j", type=positive_int, help="parallel compiles (default: cores, bounded by free memory)")
     p.add_argument("--cache-dir", help="cache root (default $JITKILN_CACHE_DIR or ~/.cache/jitkiln)")
     p.add_argument("--out", help="also write .ninja_log and build.json into this directory")
     p.add_argument("--report", action="store_true", help="print the build report")
@@ -267,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="where the build time went: critical path, slowest units, hits, unused")
     p.add_argument("record", nargs="?", default="last", help="a build record (default: the last build)")
     p.add_argument("--timeline", metavar="OUT", help="write the build timeline (.png, or .html)")
-    p.add_argument("--top", type=int, default=5, help="how many slowest units")
+    p.add_argument("--top", type=positive_int, default=5, help="how many slowest units")
     p.add_argument("--json", action="store_true")
     p.add_argument("--cache-dir")
     p.set_defaults(fn=cmd_report)
@@ -280,37 +222,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir")
     p.set_defaults(fn=cmd_cache)
 
-    p = sub.add_parser("doctor", help="which compiler, CUTLASS, ROCm and GPU were found; cache location and size")
+    p = sub.add_parser("doctor", help="which compilers, CUTLASS and GPU were found; cache location and size")
     p.add_argument("--json", action="store_true")
     p.add_argument("--cache-dir")
     p.set_defaults(fn=cmd_doctor)
 
-    for mod in EXTENSIONS:
+    for name, target in sorted(entry_points("jitkiln.commands").items()):
+        mod = target.partition(":")[0]
         try:
             m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod:
-                continue
+        except ImportError as e:
             # a broken optional extension must not take the core commands down with it
-            print(f"jitkiln: warning: the subcommands of {mod} are unavailable: {e}", file=sys.stderr)
+            print(f"jitkiln: warning: the {name} subcommands ({mod}) are unavailable: {e}", file=sys.stderr)
             continue
-        if hasattr(m, "add_cli"):
-            m.add_cli(sub)
+        getattr(m, target.partition(":")[2] or "add_cli")(sub)
     return ap
 
 
+def _terminated(signum, frame):  # noqa: ARG001
+    kill_compilers()  # they run in their own sessions: a signal to the build does not reach them
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    if not getattr(args, "fn", None):
-        ap.print_help()
-        return 2
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
+        ap = build_parser()
+        args = ap.parse_args(argv)
+        if not getattr(args, "fn", None):
+            ap.print_help()
+            return 2
         return int(args.fn(args) or 0)
     except JitkilnError as e:
         print(f"jitkiln: error: {e.full()}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        kill_compilers()
         print("jitkiln: interrupted; the cache holds only complete entries", file=sys.stderr)
         return 130
 

@@ -13,7 +13,7 @@ import os
 import threading
 from pathlib import Path
 
-from .toolchain import file_digest
+from .compilers.base import file_digest
 
 _lock = threading.Lock()
 _memo: dict[str, dict[str, list]] = {}  # memo file -> {realpath: [stamp..., digest]}

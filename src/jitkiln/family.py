@@ -16,29 +16,15 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
-import hashlib
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from .errors import UsageError
+from .keys import canonical_json, sha256_hex
 
 Problem = Mapping[str, Any]
 """A problem is a flat mapping of shape keys (declared by the family) to values."""
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def sha256_hex(*parts: str | bytes) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        b = p.encode() if isinstance(p, str) else p
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -87,7 +73,8 @@ class CAbi:
 
 @dataclass(frozen=True)
 class CompileSpec:
-    """How a family's units are compiled. ``toolchain`` names the adapter (``nvcc`` or ``hip``)."""
+    """How a family's units are compiled. ``toolchain`` names the compiler (:mod:`jitkiln.compilers`:
+    ``nvcc``, ``hip``, ...); the field keeps its name because cache keys contain it."""
 
     toolchain: str = "nvcc"
     arch: str = "sm_90a"
@@ -95,8 +82,26 @@ class CompileSpec:
     include_dirs: tuple[str, ...] = ()
     artifact: str = "so"  # a shared object loaded with ctypes
 
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+
+@dataclass(frozen=True)
+class Packer:
+    """How a family puts several instances in one compile unit (see :mod:`jitkiln.pack`)."""
+
+    render: Callable[[Sequence[Any]], "str | None"]  # units -> one TU holding every member, or None
+    shared_fraction: float  # of one unit's compile time, paid once per pack
+    memory_growth: float = 0.3  # each extra member adds this fraction of one unit's peak memory
+
+
+@dataclass(frozen=True)
+class Option:
+    """A family-wide command-line option (``--aiter-root DIR``), passed to :meth:`Family.configure`."""
+
+    flag: str
+    help: str = ""
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,7 @@ class ShapeKey:
     name: str
     type: type = int
     doc: str = ""
+    min: int | None = 1  # integer keys are sizes: at least this (None: no bound)
 
 
 class Family(ABC):
@@ -113,6 +119,10 @@ class Family(ABC):
     doc: ClassVar[str] = ""
     shape_keys: ClassVar[tuple[ShapeKey, ...]] = ()
     abi: ClassVar[CAbi] = CAbi()
+    # --- hooks the engine calls (all optional) ---
+    packer: ClassVar["Packer | None"] = None  # several instances in one compile unit (jitkiln.pack)
+    options: ClassVar[tuple[Option, ...]] = ()  # family-wide command-line options, given to configure()
+    full_when_no_problems: ClassVar[bool] = False  # plan the full module when no shape is given
 
     # --- the declaration -------------------------------------------------------------------------
     @abstractmethod
@@ -140,11 +150,15 @@ class Family(ABC):
         """Flags, include directories and target arch for this variant's units."""
 
     def configure(self, *, arch: str | None = None, **options: Any) -> "Family":
-        """Family-wide options from the command line (e.g. ``aiter_root`` for ck2stages). Families with none
-        refuse any option but ``arch``, which :meth:`compile_spec` takes per call."""
+        """Family-wide options from the command line (:attr:`options`, e.g. ``aiter_root`` for ck2stages).
+        Families with none refuse any option but ``arch``, which :meth:`compile_spec` takes per call."""
         if options:
             raise UsageError(f"family {self.name!r} takes no option {', '.join('--' + k.replace('_', '-') for k in options)}")
         return self
+
+    def provenance(self, variant: str, problems: Sequence[Problem]) -> dict[str, str]:
+        """Per planned instance name, the rule that brought it in (shown by ``plan``); empty by default."""
+        return {}
 
     # --- problems ---------------------------------------------------------------------------------
     def default_problems(self, variant: str) -> list[Problem]:
@@ -172,6 +186,8 @@ class Family(ABC):
                 out[k] = known[k].type(v)
             except (TypeError, ValueError):
                 raise UsageError(f"shape key {k}={v!r} is not a valid {known[k].type.__name__}") from None
+            if known[k].type is int and known[k].min is not None and out[k] < known[k].min:
+                raise UsageError(f"shape key {k}={v!r} must be >= {known[k].min}")
         missing = [k for k in known if k not in out]
         if missing:
             raise UsageError(f"shape for family {self.name!r} lacks {', '.join(missing)}; "
@@ -228,22 +244,25 @@ _REGISTRY: dict[str, type[Family] | Family] = {}
 
 
 def register(cls_or_obj):
-    """Register a family class (instantiated lazily) under its ``name``."""
+    """Register a family class (instantiated lazily) or object under its ``name``. Installed families are also
+    found through the ``jitkiln.families`` entry-point group (``name = "module:Class"``)."""
     _REGISTRY[cls_or_obj.name] = cls_or_obj
     return cls_or_obj
 
 
-BUILTIN = ("demo", "moe2stage", "ck2stages")
-
-
-def _import_builtin(name: str) -> None:
-    # Importing a built-in family's module registers it; each import is cheap (no toolchain, no torch).
-    if name in BUILTIN and name not in _REGISTRY:
-        __import__(f"jitkiln.families.{name}")
+def _load_entry_point(name: str, target: str | None) -> None:
+    if target and name not in _REGISTRY:
+        import importlib
+        mod, _, attr = target.partition(":")
+        obj = getattr(importlib.import_module(mod), attr)
+        _REGISTRY.setdefault(name, obj)
 
 
 def get_family(name: str) -> Family:
-    _import_builtin(name)
+    from .plugins import entry_points, own_entry_point
+    if name not in _REGISTRY:
+        _load_entry_point(name, own_entry_point("jitkiln.families", name)
+                          or entry_points("jitkiln.families").get(name))
     if name not in _REGISTRY:
         raise UsageError(f"unknown family {name!r}; known families: {', '.join(family_names())}")
     f = _REGISTRY[name]
@@ -254,16 +273,11 @@ def get_family(name: str) -> Family:
 
 
 def family_names() -> list[str]:
-    for n in BUILTIN:
+    """Every family registered or installed (those whose import fails are left out: `jitkiln doctor` says why)."""
+    from .plugins import entry_points
+    for n, target in entry_points("jitkiln.families").items():
         try:
-            _import_builtin(n)
+            _load_entry_point(n, target)
         except ImportError:
-            pass  # listed by `jitkiln doctor` as unavailable
-    return sorted(set(_REGISTRY) | {n for n in BUILTIN if n in _REGISTRY})
-
-
-def unique(instances: Iterable[Instance]) -> list[Instance]:
-    seen: dict[str, Instance] = {}
-    for i in instances:
-        seen.setdefault(i.digest, i)
-    return list(seen.values())
+            pass
+    return sorted(_REGISTRY)

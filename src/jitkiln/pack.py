@@ -16,60 +16,16 @@ A pack is one ``.cu`` holding every member (the family's packer keeps their name
 artifact is published under each member's unit key, so lookups, loads and the runtime do not change. Each
 kernel's machine code is the same as in the member's own unit (``scripts/sass_diff.py --subset``).
 
-Families opt in through :data:`PACKERS` (family name -> :class:`Packer`).
+Families opt in through their :attr:`~jitkiln.family.Family.packer` (a :class:`~jitkiln.family.Packer`).
 """
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
+from .family import Packer
 from .plan import Unit
-
-
-@dataclass(frozen=True)
-class Packer:
-    render: Callable[[Sequence[Unit]], str | None]  # one TU holding every member, or None if they cannot share
-    shared_fraction: float  # of one unit's compile time, paid once per pack
-    memory_growth: float = 0.3  # each extra member adds this fraction of one unit's peak memory
-
-
-def _pack_demo(units: Sequence[Unit]) -> str | None:
-    """demo units: the kernel template (everything before the first ``extern "C"``) once, then each
-    member's C ABI functions. Members whose template text differs cannot share a unit."""
-    heads, tails = [], []
-    for u in units:
-        src = u.source.split("\n", 1)[1]  # drop the '// jitkiln demo instance NAME' line
-        i = src.index('extern "C"')
-        heads.append(src[:i])
-        tails.append(src[i:])
-    if len(set(heads)) != 1:
-        return None
-    names = ", ".join(u.instance.name for u in units)
-    return f"// jitkiln pack: {names}\n" + heads[0] + "\n".join(tails)
-
-
-def _pack_renaming(ident: str) -> Callable[[Sequence[Unit]], str | None]:
-    """Units that keep everything in one namespace ``ident`` (moe2stage: ``jk``): each member's copy is
-    renamed ``<ident><digest12>``; headers are include-guarded, so they are read once."""
-    rx = re.compile(rf"\b{ident}\b")
-
-    def render(units: Sequence[Unit]) -> str | None:
-        parts = [f"// jitkiln pack: {', '.join(u.instance.name for u in units)}"]
-        for u in units:
-            parts.append(f"// ---- member {u.instance.name}\n" + rx.sub(f"{ident}{u.instance.digest[:12]}", u.source))
-        return "\n".join(parts)
-    return render
-
-
-PACKERS: dict[str, Packer] = {
-    # measured: demo f32, 3 instances 5.0 s packed vs 3 x 2.4 s separately (nvcc 13.0, 2 cores)
-    "demo": Packer(_pack_demo, shared_fraction=0.6, memory_growth=0.2),
-    # measured (CUTLASS 4.2, nvcc 13.0, 2 cores): 4 tile configs in one unit 65 s vs 4 x 34 s (0.70);
-    # 2 instances 83.6 s vs 72.3 + 74.3 s, peak 4.4 GiB vs 3.4 (0.87; bench/results/instance-cost-2cores-ci.json)
-    "moe2stage": Packer(_pack_renaming("jk"), shared_fraction=0.8, memory_growth=0.3),
-}
 
 
 @dataclass
@@ -133,18 +89,17 @@ def _bins(items: list[tuple[float, int, Unit]], p: int) -> list[list[tuple[float
     return [b for b in bins if b]
 
 
-def choose(family: str, units: Sequence[tuple[Unit, float, int]], cores: int, mem_avail: int,
+def choose(packer: Packer | None, units: Sequence[tuple[Unit, float, int]], cores: int, mem_avail: int,
            enabled: bool = True, urgent_served: bool = False) -> Packing:
     """How to group the units to compile, ``(unit, expected s, expected peak bytes)``, on ``cores``.
     ``urgent_served``: a tier 0 serves calls meanwhile, so urgent units may be packed too."""
     n = len(units)
     separate = [[u] for u, _, _ in units]
     sep_est = makespan([c for u, c, _ in units if not u.urgent], cores, [c for u, c, _ in units if u.urgent])
-    packer = PACKERS.get(family)
     if not enabled:
         return Packing(separate, "packing disabled (JITKILN_PACK=0)", sep_est, sep_est)
     if packer is None:
-        return Packing(separate, f"family {family!r} has no packer: every unit separately", sep_est, sep_est)
+        return Packing(separate, "the family has no packer: every unit separately", sep_est, sep_est)
     if n <= cores:
         return Packing(separate, f"{n} units to compile <= {cores} cores: every unit separately (the build "
                                  f"takes as long as its longest unit, ~{sep_est:.0f} s)", sep_est, sep_est)
@@ -178,8 +133,7 @@ def choose(family: str, units: Sequence[tuple[Unit, float, int]], cores: int, me
     return Packing(groups, reason, sep_est, best_est)
 
 
-def make_pack(family: str, group: Sequence[Unit], expected: Sequence[tuple[float, int]]) -> Pack | None:
-    packer = PACKERS.get(family)
+def make_pack(packer: Packer | None, group: Sequence[Unit], expected: Sequence[tuple[float, int]]) -> Pack | None:
     if packer is None or len(group) < 2:
         return None
     src = packer.render(group)
@@ -190,4 +144,4 @@ def make_pack(family: str, group: Sequence[Unit], expected: Sequence[tuple[float
     return Pack(list(group), src, expected_s=pack_cost(costs, packer.shared_fraction), expected_mem=mem)
 
 
-__all__ = ["PACKERS", "Pack", "Packer", "Packing", "choose", "make_pack", "makespan", "pack_cost"]
+__all__ = ["Pack", "Packer", "Packing", "choose", "make_pack", "makespan", "pack_cost"]

@@ -5,13 +5,14 @@ instance set is what the runtime will ask for, by construction.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from .compilers import Compiler, get_compiler
 from .errors import JitkilnError, UsageError
-from .family import CompileSpec, Family, Instance, Problem, canonical_json, sha256_hex
-from .toolchain import Toolchain, get_toolchain
+from .family import CompileSpec, Family, Instance, Problem
+from .keys import module_key as make_module_key
+from .keys import unit_key
 
 
 @dataclass
@@ -35,10 +36,23 @@ class Plan:
     problems: list[Problem]
     units: list[Unit]
     unused: list[tuple[Instance, str]]
-    toolchain: Toolchain | None
-    toolchain_fp: str
+    compiler: Compiler | None  # resolved once, here; None when absent (then ``compiler_error`` says why)
+    compiler_fp: str
     full: bool
     module_key: str
+    compiler_error: JitkilnError | None = None
+
+    def require_compiler(self) -> Compiler:
+        """The plan's compiler, or the error saying why there is none (what to install)."""
+        if self.compiler is None:
+            raise self.compiler_error or JitkilnError(f"no compiler {self.spec.toolchain!r} for this plan")
+        return self.compiler
+
+    def unit(self, instance: Instance, why: str = "", urgent: bool = False) -> Unit:
+        """A unit for ``instance`` (planned or not) keyed like the plan's."""
+        src = self.family.render(instance)
+        return Unit(instance, src, unit_key(self.family.name, instance.digest, src, self.compiler_fp, self.spec),
+                    urgent=urgent, why=why)
 
     @property
     def instances(self) -> list[Instance]:
@@ -57,7 +71,7 @@ class Plan:
             "arch": self.spec.arch,
             "module": "full" if self.full else "reduced",
             "module_key": self.module_key,
-            "toolchain": self.toolchain_fp,
+            "toolchain": self.compiler_fp,
             "flags": list(self.spec.flags),
             "shapes": self.family.describe_problems(self.problems) if self.problems else "(none: full module)",
             "problems": len(self.problems),
@@ -69,40 +83,30 @@ class Plan:
         }
 
 
-def unit_key(family: Family, instance: Instance, source: str, toolchain_fp: str, spec: CompileSpec) -> str:
-    """Everything known before compiling: family, instance, source text, compiler, flags, arch.
-
-    Include directories enter by content (through the entry key's header digests), not by path, so two
-    machines with the same headers in different places share entries.
-    """
-    return sha256_hex("jitkiln-unit-v1", family.name, instance.digest, source, toolchain_fp,
-                      canonical_json({"arch": spec.arch, "flags": list(spec.flags), "artifact": spec.artifact,
-                                      "toolchain": spec.toolchain}))
-
-
-def toolchain_for(spec: CompileSpec, required: bool) -> tuple[Toolchain | None, str]:
+def find_compiler(spec: CompileSpec, required: bool) -> tuple[Compiler | None, str, JitkilnError | None]:
+    """(compiler, fingerprint, why absent): a missing compiler is an error only when ``required``."""
     try:
-        tc = get_toolchain(spec.toolchain)
-        return tc, tc.fingerprint
-    except JitkilnError:
+        c = get_compiler(spec.toolchain)
+        return c, c.fingerprint, None
+    except JitkilnError as e:
         if required:
             raise
-        return None, f"{spec.toolchain}-unavailable"
+        return None, f"{spec.toolchain}-unavailable", e
 
 
 def make_plan(family: Family, variant: str | None, problems: Sequence[Problem], *, arch: str | None = None,
-              full: bool = False, require_toolchain: bool = False, urgent: int = 1) -> Plan:
+              full: bool = False, require_compiler: bool = False, urgent: int = 1) -> Plan:
     """Plan a module. ``full`` (or no problems, for families that plan the full module then) takes every
     candidate. The first ``urgent`` problems' instances are marked urgent: the builder does them first."""
     variant = family.check_variant(variant)
     spec = family.compile_spec(variant, arch)
-    tc, fp = toolchain_for(spec, require_toolchain)
+    tc, fp, why_absent = find_compiler(spec, require_compiler)
     cands = list(family.candidates(variant))
     by_digest = {c.digest: c for c in cands}
     if len(by_digest) != len(cands):
         raise JitkilnError(f"family {family.name} variant {variant}: two candidates share a digest")
-    problems = [dict(p) for p in problems]
-    if not problems and getattr(family, "full_when_no_problems", False):
+    problems = [family.check_problem(p) for p in problems]  # checked where they enter, on every path
+    if not problems and family.full_when_no_problems:
         full = True
     chosen: dict[str, dict[str, Any]] = {}
     for i, p in enumerate(problems):
@@ -118,9 +122,7 @@ def make_plan(family: Family, variant: str | None, problems: Sequence[Problem], 
                 c["slots"].append(slot)
             c["shapes"] += 1
             c["urgent"] = c["urgent"] or i < urgent
-    provenance = {}
-    if hasattr(family, "provenance") and problems:
-        provenance = family.provenance(variant, problems) or {}
+    provenance = family.provenance(variant, problems) if problems else {}
     if not problems and not full:
         raise UsageError(f"no shapes to plan for family {family.name!r}",
                          hint="give --shape K=V,... or --model ... --tokens ..., or --full for every candidate")
@@ -130,22 +132,20 @@ def make_plan(family: Family, variant: str | None, problems: Sequence[Problem], 
         c = chosen.get(inst.digest, {"slots": [], "shapes": 0, "urgent": False})
         src = family.render(inst)
         why = provenance.get(inst.name, "") or ("full module" if full and not c["shapes"] else "")
-        units.append(Unit(inst, src, unit_key(family, inst, src, fp, spec), c["slots"], c["shapes"],
+        units.append(Unit(inst, src, unit_key(family.name, inst.digest, src, fp, spec), c["slots"], c["shapes"],
                           c["urgent"], why))
     planned = {u.instance.digest for u in units}
     summary = family.describe_problems(problems)
     unused = [(c, f"{family.rule(variant, c)}; {summary}") for c in cands if c.digest not in planned]
-    module_key = sha256_hex("jitkiln-module-v1", family.name, variant, "full" if full else "reduced",
-                            canonical_json(sorted(u.instance.digest for u in units)), fp,
-                            canonical_json(dataclasses.asdict(spec) | {"include_dirs": []}))
-    return Plan(family, variant, spec, problems, units, unused, tc, fp, full, module_key)
+    module_key = make_module_key(family.name, variant, full, [u.instance.digest for u in units], fp, spec)
+    return Plan(family, variant, spec, problems, units, unused, tc, fp, full, module_key, why_absent)
 
 
 def format_table(plan: Plan) -> str:
     """A readable plan: used instances with their slots, then unused candidates with the reason."""
     lines = [f"family {plan.family.name}  variant {plan.variant}  arch {plan.spec.arch}  "
              f"module {'full' if plan.full else 'reduced'}  key {plan.module_key[:16]}",
-             f"toolchain {plan.toolchain_fp}",
+             f"compiler {plan.compiler_fp}",
              f"shapes: {plan.family.describe_problems(plan.problems) if plan.problems else '(none)'}",
              "", f"planned instances ({len(plan.units)}):"]
     w = max([len(u.instance.name) for u in plan.units] + [10])

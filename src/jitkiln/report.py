@@ -126,7 +126,7 @@ def timeline_png(rec: dict[str, Any], out: str) -> str:
 def timeline_html(rec: dict[str, Any], out: str) -> str:
     rows, crit = _rows(rec)
     wall = max(rec["wall_s"], 0.001)
-    parts = [f"<html><head><meta charset='utf-8'><title>jitkiln build</title><style>"
+    parts = ["<html><head><meta charset='utf-8'><title>jitkiln build</title><style>"
              "body{font:12px sans-serif} .r{position:relative;height:18px;border-bottom:1px solid #eee}"
              ".b{position:absolute;height:14px;top:2px} .l{position:absolute;left:0;width:38%;overflow:hidden;"
              "white-space:nowrap} .t{position:absolute;left:40%;right:0;height:18px}</style></head><body>",

@@ -35,7 +35,8 @@ from . import digests
 from .build import Builder
 from .errors import CorruptEntry, MissingInstance, UsageError
 from .family import Family, Instance, Problem, get_family
-from .plan import Plan, Unit, make_plan, unit_key
+from .headers import HeaderLabels
+from .plan import Plan, Unit, make_plan
 from .store import Entry, Store
 
 POLICIES = ("error", "compile", "background", "tiered")
@@ -87,7 +88,6 @@ class Module:
         self._lock = threading.RLock()
         self._bg: threading.Thread | None = None
         self._bg_error: BaseException | None = None
-        self.listeners: list[Callable[[Instance], None]] = []
         self.generation = 0  # bumped after each instance becomes visible
         self.records: list = []  # build records of the builds this module ran (background, on demand)
         self.load_errors: dict[str, str] = {}  # instance digest -> why its cached artifact did not load
@@ -124,14 +124,11 @@ class Module:
             self._libs.append(lib)
             self._fns[instance.digest] = fn  # the switch: one assignment, after everything is ready
             self.generation += 1
-        for cb in list(self.listeners):
-            cb(instance)
         return fn
 
     def load_available(self) -> int:
         """Load every planned unit the cache already has; return how many are loaded."""
-        from .build import HeaderLabels
-        labels = HeaderLabels(self.plan.spec, self.plan.toolchain)
+        labels = HeaderLabels(self.plan.spec, self.plan.compiler)
         for u in self.plan.units:
             if u.instance.digest in self._fns:
                 continue
@@ -219,12 +216,7 @@ class Module:
         return self.load_entry(instance, entry)
 
     def _extra_unit(self, instance: Instance) -> Unit:
-        src = self.family.render(instance)
-        if self.plan.toolchain is None:
-            from .plan import toolchain_for
-            self.plan.toolchain, self.plan.toolchain_fp = toolchain_for(self.plan.spec, required=True)
-        return Unit(instance, src, unit_key(self.family, instance, src, self.plan.toolchain_fp, self.plan.spec),
-                    urgent=True, why="outside the plan: built on demand")
+        return self.plan.unit(instance, why="outside the plan: built on demand", urgent=True)
 
     def missing(self, instance: Instance, problem: Problem | None) -> MissingInstance:
         planned = self.plan.unit_for(instance) is not None

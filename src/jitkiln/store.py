@@ -14,6 +14,8 @@ before compiling. The *key* of an entry adds the content digest of every header 
 dependency output), found through the unit's manifest. An entry is published by renaming a complete,
 fsynced directory into place, so readers see all of it or nothing; its artifact digest is checked before
 every load, and anything that fails the check is moved aside and rebuilt, never loaded.
+
+Longer than 400 lines: layout, lookup, verification, atomic publish and maintenance of one store.
 """
 from __future__ import annotations
 
@@ -24,13 +26,14 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping
 
 from .errors import CorruptEntry, StoreError, StoreFull
-from .family import canonical_json, sha256_hex
+from .keys import entry_key
 
 LAYOUT = "v1"
 
@@ -40,11 +43,6 @@ def default_root() -> Path:
     if env:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))) / "jitkiln"
-
-
-def entry_key(ukey: str, deps: Mapping[str, str]) -> str:
-    """The full key: unit key + (header label, content digest) of every header read."""
-    return sha256_hex("jitkiln-entry-v1", ukey, canonical_json(sorted(deps.items())))
 
 
 @dataclass
@@ -63,46 +61,28 @@ class Entry:
         return self.meta.get("name", "?")
 
 
-class RemoteTier:
-    """A shared tier behind the local store (shared directory, Redis...). See :mod:`jitkiln.remote`.
-
-    Everything a tier returns is verified by the local store before it is published locally or loaded.
-    """
-
-    name = "remote"
-
-    def get(self, key: str) -> tuple[bytes, dict] | None:
-        raise NotImplementedError
-
-    def put(self, key: str, artifact: bytes, meta: dict) -> None:
-        raise NotImplementedError
-
-    def get_manifest(self, ukey: str) -> list[dict]:
-        return []
-
-    def put_manifest(self, ukey: str, records: list[dict]) -> None:
-        pass
-
-    def discard(self, key: str) -> None:
-        """Drop an entry the local store refused as corrupt or forged, so nobody fetches it again."""
-
-
-Verifier = Callable[[bytes, dict], None]  # raises CorruptEntry when a remote entry may not be trusted
-# Prepares an entry's metadata for a remote tier (e.g. adds a signature); None: do not write to the tiers.
-RemoteSigner = Callable[[dict], "dict | None"]
-
-
 class Store:
-    def __init__(self, root: str | os.PathLike | None = None, remotes: Sequence[RemoteTier] = (),
-                 verify_remote: Verifier | None = None, sign_remote: RemoteSigner | None = None):
+    """The local cache. :class:`jitkiln.fleet.FleetStore` wraps it with remote caches (same interface)."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
         self.base = Path(root) if root is not None else default_root()
         self.root = self.base / LAYOUT
-        self.remotes = list(remotes)
-        self.verify_remote = verify_remote
-        self.sign_remote = sign_remote
         self._ready = False
 
     # --- layout ------------------------------------------------------------------------------------
+    def check_root(self) -> None:
+        """Raise a one-line StoreError unless the cache can at least be read: its root is a folder (a missing
+        one is created). A read-only cache passes: it serves hits, and only a miss fails (in :meth:`ensure`)."""
+        if self.root.is_dir():
+            return
+        for p in (self.base, *self.base.parents):
+            if p.exists() and not p.is_dir():
+                raise StoreError(f"cache directory {self.base} is not writable: {p} is a file",
+                                 hint="set JITKILN_CACHE_DIR (or --cache-dir) to a folder")
+            if p.exists():
+                break
+        self.ensure()
+
     def ensure(self) -> None:
         if self._ready:
             return
@@ -115,7 +95,8 @@ class Store:
         except OSError as e:
             raise StoreError(
                 f"cache directory {self.base} is not writable ({e.strerror or e})",
-                hint="set JITKILN_CACHE_DIR to a writable directory, or fix the permissions of this one") from None
+                hint="set JITKILN_CACHE_DIR to a writable directory, or fix the permissions of this one "
+                     "(a read-only cache serves only what it holds)") from None
         self._ready = True
 
     def obj_dir(self, key: str) -> Path:
@@ -172,56 +153,26 @@ class Store:
 
         ``current_digest(label)`` gives the digest a header has now (None if it is gone).
         """
-        self.ensure()
+        self.check_root()
         for rec in reversed(self.read_manifest(ukey)):
             if all(current_digest(lbl) == d for lbl, d in rec["deps"].items()):
                 e = self.get(rec["key"])
                 if e is not None:
                     return e
-        for tier in self.remotes:
-            recs = _safe(tier, "get_manifest", ukey) or []
-            for rec in reversed(recs):
-                if not isinstance(rec, dict) or not isinstance(rec.get("deps"), dict):
-                    continue
-                if all(current_digest(lbl) == d for lbl, d in rec["deps"].items()):
-                    if entry_key(ukey, rec["deps"]) != rec.get("key"):
-                        continue  # a manifest record that does not hash to its key is ignored
-                    e = self.get(rec["key"])
-                    if e is not None:
-                        self._add_manifest(ukey, rec["deps"], rec["key"])
-                        return e
         return None
 
     def get(self, key: str) -> Entry | None:
-        """A verified local entry, fetched through the remote tiers on a local miss; None if nowhere."""
-        self.ensure()
-        d = self.obj_dir(key)
-        if d.is_dir():
+        """A verified local entry, or None (a bad one is moved aside: a miss, rebuilt by the caller)."""
+        self.check_root()
+        if self.obj_dir(key).is_dir():
             try:
                 return self.verify(key)
             except CorruptEntry:
-                pass  # quarantined by verify; fall through to the remotes or a rebuild
-        for tier in self.remotes:
-            got = _safe(tier, "get", key)
-            if not got:
-                continue
-            artifact, meta = got
-            try:
-                self._check(key, artifact, meta, origin=tier.name)
-                if self.verify_remote is not None:
-                    self.verify_remote(artifact, meta)
-            except CorruptEntry as e:
-                _warn(f"refused entry {key[:16]} from {tier.name}: {e.reason}; it will be rebuilt")
-                if getattr(e, "discard", True):
-                    _safe(tier, "discard", key)
-                continue
-            e = self._publish_bytes(key, artifact, meta, write_back=False)
-            for earlier in self.remotes[:self.remotes.index(tier)]:  # back-fill the nearer tiers
-                _safe(earlier, "put", key, artifact, meta)
-            return e
+                pass  # quarantined by verify
         return None
 
-    def _check(self, key: str, artifact: bytes, meta: dict, origin: str) -> None:
+    def check(self, key: str, artifact: bytes, meta: dict, origin: str) -> None:
+        """Raise CorruptEntry unless ``meta`` names ``key`` and records ``artifact``'s digest."""
         if not isinstance(meta, dict) or meta.get("key") != key:
             raise CorruptEntry(f"entry {key[:16]} from {origin}: metadata names another key "
                                f"({str(meta.get('key') if isinstance(meta, dict) else meta)[:16]})")
@@ -237,7 +188,7 @@ class Store:
         try:
             meta = json.loads((d / "meta.json").read_text())
             artifact = (d / "artifact").read_bytes()
-            self._check(key, artifact, meta, origin="the local cache")
+            self.check(key, artifact, meta, origin="the local cache")
         except (OSError, ValueError, CorruptEntry) as e:
             reason = e.reason if isinstance(e, CorruptEntry) else f"unreadable entry {key[:16]}: {e}"
             self._quarantine(d, reason)
@@ -280,17 +231,13 @@ class Store:
         data = artifact_path if isinstance(artifact_path, bytes) else Path(artifact_path).read_bytes()
         meta = dict(meta, key=key, ukey=ukey, artifact_sha256=hashlib.sha256(data).hexdigest(),
                     size=len(data), deps_count=len(deps), created=time.time())
-        e = self._publish_bytes(key, data, meta, write_back=True)
-        self._add_manifest(ukey, deps, key)
-        if self.remotes and self.sign_remote is not None and self.sign_remote(meta) is None:
-            return e  # tiers are read-only here (no signing key): no manifest for an entry not written
-        for tier in self.remotes:
-            recs = _safe(tier, "get_manifest", ukey) or []
-            if not any(r.get("key") == key for r in recs if isinstance(r, dict)):
-                _safe(tier, "put_manifest", ukey, (recs + [{"key": key, "deps": dict(deps)}])[-8:])
+        e = self.put_verified(key, data, meta)
+        self.add_manifest(ukey, deps, key)
         return e
 
-    def _publish_bytes(self, key: str, data: bytes, meta: dict, write_back: bool) -> Entry:
+    def put_verified(self, key: str, data: bytes, meta: dict) -> Entry:
+        """Publish an entry whose bytes the caller has verified against ``meta`` (a remote cache, a bundle):
+        atomically, complete or not at all."""
         self.ensure()
         final = self.obj_dir(key)
         tmp = self.root / "tmp" / f"{key[:16]}.{os.getpid()}.{os.urandom(4).hex()}"
@@ -304,21 +251,16 @@ class Store:
                          "nothing partial was left in the cache") from None
             raise StoreError(f"could not publish {meta.get('name', key[:16])} to {self.base}: {e}",
                              hint="check that the cache directory is writable") from None
-        if write_back and self.remotes:
-            remote_meta = self.sign_remote(meta) if self.sign_remote is not None else meta
-            if remote_meta is not None:
-                for tier in self.remotes:
-                    _safe(tier, "put", key, data, remote_meta)
         return Entry(key, final, meta, data)
 
-    def _add_manifest(self, ukey: str, deps: Mapping[str, str], key: str) -> None:
+    def add_manifest(self, ukey: str, deps: Mapping[str, str], key: str) -> None:
         recs = [r for r in self.read_manifest(ukey) if r.get("key") != key]
         recs.append({"key": key, "deps": dict(deps)})
         p = self.manifest_path(ukey)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_suffix(f".{os.getpid()}.{os.urandom(3).hex()}.tmp")
         try:
-            _write_durable(tmp, json.dumps(recs[-8:]).encode())
+            write_durable(tmp, json.dumps(recs[-8:]).encode())
             os.replace(tmp, p)
         except OSError as e:
             with contextlib.suppress(OSError):
@@ -330,6 +272,7 @@ class Store:
 
     # --- maintenance -------------------------------------------------------------------------------
     def entries(self) -> Iterator[tuple[str, Path]]:
+        self.check_root()
         objs = self.root / "objects"
         if not objs.is_dir():
             return
@@ -423,8 +366,8 @@ def publish_entry_dir(tmp: Path, final: Path, artifact: bytes, meta: dict) -> bo
     full...) propagates; ``tmp`` is gone afterwards in every case."""
     try:
         tmp.mkdir(parents=True)
-        _write_durable(tmp / "artifact", artifact)
-        _write_durable(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
+        write_durable(tmp / "artifact", artifact)
+        write_durable(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
         _fsync_dir(tmp)
         final.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -451,7 +394,7 @@ def remove_dir(d: Path, tmp_root: Path) -> bool:
     return True
 
 
-def _write_durable(path: Path, data: bytes) -> None:
+def write_durable(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(data)
@@ -471,23 +414,5 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-_warned: set[str] = set()
-
-
 def _warn(msg: str) -> None:
-    import sys
     print(f"jitkiln: warning: {msg}", file=sys.stderr)
-
-
-def _safe(tier: RemoteTier, method: str, *args):
-    """Call a remote tier; a tier that is down or slow warns once and is skipped (work goes on locally)."""
-    try:
-        return getattr(tier, method)(*args)
-    except Exception as e:  # noqa: BLE001 - any remote failure must not stop a local build
-        if getattr(e, "quiet", False):  # a tier skipped after a failure that was already reported
-            return None
-        tag = f"{tier.name}:{type(e).__name__}"
-        if tag not in _warned:
-            _warned.add(tag)
-            _warn(f"remote cache {tier.name} unavailable ({type(e).__name__}: {e}); continuing locally")
-        return None

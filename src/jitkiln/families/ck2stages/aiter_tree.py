@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...errors import JitkilnError, UsageError
+from ...errors import JitkilnError
 
 CODEGEN = "csrc/ck_gemm_moe_2stages_codegen"
 GENERATOR = "gen_instances.py"

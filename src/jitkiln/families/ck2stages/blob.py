@@ -18,14 +18,16 @@ from typing import Sequence
 
 from ...errors import JitkilnError, UsageError
 from ...family import Problem
+from ...keys import module_key as make_module_key
+from ...keys import sha256_hex
 from .family import CK2Stages
-from .module import Module
+from .module import AiterModule
 from .render import template_call_text
 
 MANIFEST = "jitkiln_module.json"
 
 
-def _guard(mod: Module, stage: int, params: list[tuple[str, str]]) -> str:
+def _guard(mod: AiterModule, stage: int, params: list[tuple[str, str]]) -> str:
     vals = mod.variant.dispatch_values(stage)
     conds = []
     for typ, name in params:
@@ -55,7 +57,7 @@ def _interval_cond(iv: tuple[int, int | None], has_inter_dim: bool) -> str:
     return "".join(f" && {p}" for p in parts)
 
 
-def dispatch_header(mod: Module, stage: int, planned: set[str], label: str, planned_for: str,
+def dispatch_header(mod: AiterModule, stage: int, planned: set[str], label: str, planned_for: str,
                     exact: Sequence[tuple[int, int, object]] = ()) -> str:
     aiter_text = mod.blob.dispatch[stage]
     fn = mod.dispatch[stage]
@@ -91,7 +93,7 @@ def dispatch_header(mod: Module, stage: int, planned: set[str], label: str, plan
     return prefix + "\n".join(lines)
 
 
-def lookup_header(mod: Module, kernels: Sequence[str]) -> str:
+def lookup_header(mod: AiterModule, kernels: Sequence[str]) -> str:
     text = mod.blob.lookup
     m = re.search(r"#\s*define\s+GENERATE_LOOKUP_TABLE\(\)", text)
     if not m:
@@ -99,6 +101,17 @@ def lookup_header(mod: Module, kernels: Sequence[str]) -> str:
     rows = [f'        {{"{k}", {template_call_text(mod, mod.by_name[k])}}},' for k in kernels]
     body = "\n".join(["#define GENERATE_LOOKUP_TABLE() {"] + rows + ["    }"])
     return text[:m.start()] + body.replace("\n", " \\\n") + "\n"
+
+
+def module_key(fam: CK2Stages, variant: str, instances: Sequence, full: bool) -> str:
+    """The module's identity for AITER (its md_name suffix): the engine's module key of these instances
+    (distinct for full and reduced modules, variants, archs) together with the AITER tree's generator
+    fingerprint (two AITER versions never share a name)."""
+    fp = f"{fam.compile_spec(variant).toolchain}"
+    return sha256_hex("jitkiln-aiter-module-v1",
+                      make_module_key(fam.name, variant, full, [i.digest for i in instances], fp,
+                                      fam.compile_spec(variant)),
+                      fam.tree.fingerprint)
 
 
 def write_blob(variant: str, problems: Sequence[Problem], out_dir, arch: str | None = None,
@@ -121,7 +134,7 @@ def write_blob(variant: str, problems: Sequence[Problem], out_dir, arch: str | N
                 if mod.pick(int(slot[-1]), res.block_m, p["inter_dim"]).instance == inst:
                     exact.append((int(slot[-1]), res.block_m, p["inter_dim"], inst))
         chosen = sorted(seen.values(), key=lambda i: (i.stage, i.kernel))
-    key = fam.module_key(variant, chosen, full=full)
+    key = module_key(fam, variant, chosen, full)
     label = f"{variant}/{fam.arch}/{'full' if full else 'reduced'}/{key[:12]}"
     out = Path(out_dir)
     (out / "instances").mkdir(parents=True, exist_ok=True)

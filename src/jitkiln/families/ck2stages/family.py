@@ -5,11 +5,12 @@ import ctypes
 import os
 from typing import Any, Mapping, Sequence
 
-from ...errors import MissingInstance, UsageError
-from ...family import CAbi, CompileSpec, Family, Instance, Problem, ShapeKey, register, sha256_hex
+from ...errors import UsageError
+from ...family import CAbi, CompileSpec, Family, Instance, Option, Problem, ShapeKey, register
 from . import fmoe
 from .aiter_tree import AiterTree, find_tree
-from .module import CK2Instance, Module, get_module
+from .module import AiterModule, CK2Instance, get_module
+from .render import compile_spec, render_unit
 from .variants import ARCHS, VARIANTS
 
 # int launch(stream, tokens, sorted_size, N, K, topk, a, w1, w2, sorted_token_ids, sorted_expert_ids,
@@ -41,6 +42,8 @@ class CK2Stages(Family):
                   ShapeKey("block_m", int, "tokens per tile (AITER's block_size_M)"))
     abi = CK2_ABI
     full_when_no_problems = True
+    options = (Option("--aiter-root", "ck2stages: the AITER tree to plan from (default: $JITKILN_AITER_ROOT, "
+                                      "else the installed amd-aiter)"),)
 
     def __init__(self, aiter_root: str | None = None, arch: str | None = None):
         self._root = aiter_root
@@ -61,7 +64,7 @@ class CK2Stages(Family):
             self._tree = find_tree(self._root)
         return self._tree
 
-    def module(self, variant: str, arch: str | None = None) -> Module:
+    def module(self, variant: str, arch: str | None = None) -> AiterModule:
         return get_module(self.tree, self.check_variant(variant), check_arch(arch or self.arch))
 
     # --- the declaration ----------------------------------------------------------------------------------------
@@ -95,7 +98,6 @@ class CK2Stages(Family):
 
     def provenance(self, variant: str, problems: Sequence[Problem]) -> dict[str, str]:
         """Per planned instance, the rule(s) that brought it in: a tuned-CSV row or the heuristic."""
-        mod = self.module(variant)
         why: dict[str, list[str]] = {}
         for p in problems:
             res = self._resolve(variant, p)
@@ -109,21 +111,18 @@ class CK2Stages(Family):
                 lst = why.setdefault(inst.name, [])
                 if r not in lst:
                     lst.append(r)
-        del mod
         return {k: (v[0] if len(v) == 1 else f"{v[0]} (+{len(v) - 1} more shapes)") for k, v in why.items()}
 
     def rule(self, variant: str, instance: Instance) -> str:
         return self.module(variant).rule(instance)  # type: ignore[arg-type]
 
     def render(self, instance: Instance) -> str:
-        from .render import render_unit
         assert isinstance(instance, CK2Instance)
         return render_unit(self.module(instance.variant, instance.arch), instance)
 
     def compile_spec(self, variant: str, arch: str | None = None) -> CompileSpec:
         if arch is not None:
             self.arch = check_arch(arch)  # the planner names the arch here; candidates follow it
-        from .render import compile_spec
         return compile_spec(self.module(variant), self.arch)
 
     # --- problems ---------------------------------------------------------------------------------------------
@@ -177,30 +176,3 @@ class CK2Stages(Family):
             else:
                 parts.append(f"{key} in {vals[0]}..{vals[-1]} ({len(vals)} values)")
         return "; ".join(parts)
-
-    # --- modules ---------------------------------------------------------------------------------------------
-    def module_key(self, variant: str, instances: Sequence[Instance], *, full: bool) -> str:
-        """Distinct for full and reduced modules, variants, archs and AITER trees (instance names may coincide)."""
-        return sha256_hex("jitkiln-ck2stages-module-v1", variant, self.arch, "full" if full else "reduced",
-                          self.tree.fingerprint, *sorted(i.digest for i in instances))
-
-    def check_module(self, variant: str, planned: Sequence[Instance], problem: Problem,
-                     policy: str = "error") -> list[Instance]:
-        """The instances ``problem`` needs that a module built from ``planned`` lacks.
-
-        ``error``: raise :class:`MissingInstance` naming them; ``compile``: return them (the caller builds them
-        on demand)."""
-        have = {i.digest for i in planned}
-        sel = self.select(variant, problem)
-        missing = [i for i in sel.values() if i.digest not in have]
-        if missing and policy == "error":
-            names = ", ".join(i.name for i in missing)
-            raise MissingInstance(
-                f"ck2stages {variant} ({self.arch}): the shape {dict(problem)} needs {names}, which this reduced "
-                f"module does not contain",
-                hint="re-plan including this shape (jitkiln plan ck2stages --shape ...), use the full module "
-                     "(--full), or run with policy 'compile' to build it on demand",
-                details="\n".join(f"{i.name}: {self.rule(variant, i)}" for i in missing))
-        if policy not in ("error", "compile"):
-            raise UsageError(f"unknown policy {policy!r}; choose error or compile")
-        return missing

@@ -1,7 +1,6 @@
 """One AITER ck2stages module (variant x arch x AITER tree): its instances and its dispatch, read from AITER."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 from dataclasses import dataclass
@@ -38,10 +37,6 @@ class CK2Instance(Instance):
         return m.group(1) if m else ""
 
 
-class MissingFromModule(JitkilnError):
-    """AITER's dispatch picks a template instantiation its own generator did not write."""
-
-
 @dataclass
 class Pick:
     """Result of the dispatch for one (stage, block_m, inter_dim): an instance, or AITER's error message."""
@@ -51,7 +46,9 @@ class Pick:
     targs: tuple = ()
 
 
-class Module:
+class AiterModule:
+    """One of AITER's generated ck2stages modules: its instances and its dispatch, read from AITER."""
+
     def __init__(self, tree: AiterTree, variant: Variant, arch: str):
         self.tree, self.variant, self.arch = tree, variant, arch
         blob = generate(tree, variant.generator_args(), arch)
@@ -156,11 +153,7 @@ def _interval(iv: tuple[int, int | None]) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def get_module(tree: AiterTree, variant: str, arch: str) -> Module:
+def get_module(tree: AiterTree, variant: str, arch: str) -> AiterModule:
     if variant not in VARIANTS:
         raise UsageError(f"unknown ck2stages variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
-    return Module(tree, VARIANTS[variant], arch)
-
-
-def instance_fields(inst: CK2Instance) -> dict:
-    return dataclasses.asdict(inst)
+    return AiterModule(tree, VARIANTS[variant], arch)

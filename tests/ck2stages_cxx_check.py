@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from ...errors import ToolchainNotFound
-from .cdispatch import SIZEOF
-from .module import Module
+from jitkiln.errors import ToolchainNotFound
+from jitkiln.families.ck2stages.cdispatch import SIZEOF
+from jitkiln.families.ck2stages.module import AiterModule as Module
 
 _STUB = r"""#pragma once
 // jitkiln test stub standing in for AITER's gemm_moe_ck2stages.h (no HIP, CK or torch needed)

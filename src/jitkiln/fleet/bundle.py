@@ -27,8 +27,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import JitkilnError, UsageError
-from .store import Store, entry_key
+from ..errors import JitkilnError, UsageError
+from ..family import get_family
+from ..headers import HeaderLabels
+from ..keys import entry_key
+from ..plan import find_compiler
+from ..store import Store
+from .signing import SignatureError, Signer, TrustStore
 
 FORMAT = "jitkiln-bundle"
 VERSION = 1
@@ -40,8 +45,7 @@ class BundleRefused(JitkilnError):
     exit_code = 8
 
 
-def _signer(path: str | None):
-    from .signing import Signer
+def signer_for(path: str | None) -> Signer:
     path = path or os.environ.get("JITKILN_SIGNING_KEY")
     if not path:
         raise UsageError("a bundle must be signed, and no signing key was given",
@@ -50,8 +54,7 @@ def _signer(path: str | None):
     return Signer.from_file(path)
 
 
-def _trust(extra: list[str] | None, signer_path: str | None = None):
-    from .signing import Signer, TrustStore
+def trust_for(extra: list[str] | None, signer_path: str | None = None) -> TrustStore:
     ts = TrustStore.from_paths(os.environ.get("JITKILN_TRUST_KEYS"))
     for t in extra or []:
         for kid, raw in TrustStore.from_paths([t]).keys.items():
@@ -66,8 +69,7 @@ def _trust(extra: list[str] | None, signer_path: str | None = None):
 # --- write -------------------------------------------------------------------------------------------------
 def write_bundle(out: str | os.PathLike, plan, store: Store, signer) -> dict[str, Any]:
     """Write every unit of ``plan`` (all must be in ``store``) into a signed bundle at ``out``."""
-    from .build import HeaderLabels
-    labels = HeaderLabels(plan.spec, plan.toolchain)
+    labels = HeaderLabels(plan.spec, plan.compiler)
     entries, files = [], []
     for u in plan.units:
         e = store.lookup(u.ukey, labels.digest)
@@ -87,7 +89,7 @@ def write_bundle(out: str | os.PathLike, plan, store: Store, signer) -> dict[str
         files.append((f"objects/{e.key}/artifact", data))
         files.append((f"objects/{e.key}/meta.json", meta_bytes))
     manifest = {"format": FORMAT, "version": VERSION, "family": plan.family.name, "variant": plan.variant,
-                "arch": plan.spec.arch, "toolchain": plan.toolchain_fp, "module_key": plan.module_key,
+                "arch": plan.spec.arch, "toolchain": plan.compiler_fp, "module_key": plan.module_key,
                 "created": time.time(), "host": os.uname().nodename, "instances": entries}
     mbytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
     sig = json.dumps(signer.sign_bytes(mbytes)).encode()
@@ -153,7 +155,6 @@ def read_bundle(path: str | os.PathLike, trust, precheck=None) -> tuple[dict, di
         sig = json.loads(blobs["manifest.sig"])
     except ValueError:
         raise BundleRefused(f"{what}: manifest.sig is not valid JSON") from None
-    from .signing import SignatureError
     try:
         signer_id = trust.verify_bytes(blobs["manifest.json"], sig, f"{what}: its manifest")
     except SignatureError as e:
@@ -218,9 +219,6 @@ def _local_arch() -> str | None:
 
 def seed(path: str | os.PathLike, store: Store, trust, arch: str | None = None) -> dict[str, Any]:
     """Verify a bundle completely, check toolchain and arch, then publish its entries into ``store``."""
-    from .build import HeaderLabels
-    from .family import get_family
-    from .plan import toolchain_for
     found: dict[str, Any] = {}
 
     def precheck(manifest: dict) -> None:
@@ -230,7 +228,7 @@ def seed(path: str | os.PathLike, store: Store, trust, arch: str | None = None) 
         except JitkilnError as e:
             raise BundleRefused(f"bundle {path} is for {manifest.get('family')}/{manifest.get('variant')}, which "
                                 f"this jitkiln cannot plan: {e.reason}", hint="seed it with a matching jitkiln") from None
-        tc, fp = toolchain_for(spec, required=False)
+        tc, fp, _ = find_compiler(spec, required=False)
         if fp != manifest.get("toolchain"):
             raise BundleRefused(f"bundle {path} was built with toolchain {manifest.get('toolchain')}; this machine "
                                 f"has {fp}", hint="its entries would never be used here: rebuild the bundle with this "
@@ -259,91 +257,9 @@ def seed(path: str | os.PathLike, store: Store, trust, arch: str | None = None) 
             if store.obj_dir(key).is_dir():
                 present.append(ent["name"])
             else:
-                store._publish_bytes(key, art, meta, write_back=False)
+                store.put_verified(key, art, meta)
                 new.append(ent["name"])
-            store._add_manifest(ent["ukey"], ent["deps"], key)
+            store.add_manifest(ent["ukey"], ent["deps"], key)
     return {"bundle": str(path), "family": manifest["family"], "variant": manifest["variant"],
             "arch": manifest["arch"], "toolchain": manifest["toolchain"], "signer": manifest["_signer"],
             "seeded": new, "already_present": present, "header_mismatch": stale, "cache": str(store.base)}
-
-
-# --- CLI -----------------------------------------------------------------------------------------------------
-def _store(args) -> Store:
-    from .cli import store_from_args
-    return store_from_args(args)
-
-
-def cmd_prebuild(args) -> int:
-    from .build import Builder
-    from .cli import plan_from_args
-    signer = _signer(args.key)
-    plan = plan_from_args(args, require_toolchain=True)
-    store = _store(args)
-    executor = None
-    if getattr(args, "executor", "local") == "ray":
-        from .ray_executor import RayCompile
-        executor = RayCompile(address=args.ray_address)
-    Builder(store, jobs=args.jobs, progress=not args.json, executor=executor).build(plan)
-    manifest = write_bundle(args.output, plan, store, signer)
-    size = Path(args.output).stat().st_size
-    if args.json:
-        print(json.dumps({"bundle": args.output, "instances": [e["name"] for e in manifest["instances"]],
-                          "toolchain": manifest["toolchain"], "arch": manifest["arch"], "bytes": size,
-                          "key_id": signer.key_id}))
-    else:
-        print(f"wrote {args.output}: {len(manifest['instances'])} instances, {size / 2**20:.1f} MB, "
-              f"{manifest['arch']}, {manifest['toolchain']}, signed by key {signer.key_id}")
-    return 0
-
-
-def cmd_seed(args) -> int:
-    trust = _trust(args.trust)
-    if not trust:
-        raise UsageError("no trusted key to check the bundle's signature with",
-                         hint="pass --trust BUILDER.pub or set JITKILN_TRUST_KEYS (see docs/fleet.md)")
-    r = seed(args.bundle, _store(args), trust, arch=args.arch)
-    if args.json:
-        print(json.dumps(r))
-    else:
-        print(f"seeded {len(r['seeded'])} instances ({len(r['already_present'])} already present) from "
-              f"{args.bundle} into {r['cache']} ({r['family']} {r['variant']} {r['arch']}, signed by {r['signer']})")
-        if r["header_mismatch"]:
-            print(f"warning: {len(r['header_mismatch'])} instances were built against headers that differ from "
-                  f"this machine's and will not be used: {', '.join(r['header_mismatch'][:4])}", file=sys.stderr)
-    return 0
-
-
-def cmd_keygen(args) -> int:
-    from .signing import generate_keypair
-    priv, pub, kid = generate_keypair(args.output, comment=args.comment or "", force=args.force)
-    print(f"private key {priv} (keep it secret: builders set JITKILN_SIGNING_KEY={priv})\n"
-          f"public key  {pub} (key id {kid}: copy it to every machine and add it to JITKILN_TRUST_KEYS)")
-    return 0
-
-
-def add_cli(sub) -> None:
-    from .cli import add_plan_args
-    p = sub.add_parser("prebuild", help="build exactly a plan's instances and write a signed bundle")
-    add_plan_args(p)
-    p.add_argument("-o", "--output", required=True, help="the bundle to write (e.g. kimi.bundle)")
-    p.add_argument("--key", help="signing key (default $JITKILN_SIGNING_KEY)")
-    p.add_argument("--jobs", "-j", type=int, help="parallel compiles")
-    p.add_argument("--cache-dir", help="cache root (default $JITKILN_CACHE_DIR or ~/.cache/jitkiln)")
-    p.add_argument("--executor", choices=("local", "ray"), default="local", help="where units compile")
-    p.add_argument("--ray-address", help="Ray cluster address (default $RAY_ADDRESS)")
-    p.set_defaults(fn=cmd_prebuild)
-
-    p = sub.add_parser("seed", help="import a signed bundle into the cache (refused unless fully verified)")
-    p.add_argument("bundle")
-    p.add_argument("--trust", action="append", metavar="PUB", help="a trusted public key file or directory "
-                   "(repeatable; added to $JITKILN_TRUST_KEYS)")
-    p.add_argument("--arch", help="this machine's arch (default: the GPU's; the bundle must match)")
-    p.add_argument("--cache-dir", help="cache root (default $JITKILN_CACHE_DIR or ~/.cache/jitkiln)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_seed)
-
-    p = sub.add_parser("keygen", help="create an ed25519 key pair for signing shared entries and bundles")
-    p.add_argument("-o", "--output", required=True, help="private key path (the public key goes to PATH.pub)")
-    p.add_argument("--comment", help="a comment in the public key (default user@host)")
-    p.add_argument("--force", action="store_true", help="overwrite existing files")
-    p.set_defaults(fn=cmd_keygen)

@@ -1,4 +1,4 @@
-"""ed25519 signatures for everything that leaves one machine: remote-tier entries and bundles.
+"""ed25519 signatures for everything that leaves one machine: remote-cache entries and bundles.
 
 A signature covers the entry's identity, not its file layout::
 
@@ -23,8 +23,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from .errors import CorruptEntry, JitkilnError, UsageError
-from .family import canonical_json
+from ..errors import CorruptEntry, JitkilnError, UsageError
+from ..keys import canonical_json
 
 PUB_TAG = "jitkiln-ed25519"
 SIGNED_FIELDS = ("key", "artifact_sha256", "name", "toolchain", "arch")
@@ -120,9 +120,6 @@ class Signer:
         out["signature"] = self.sign_bytes(signed_message(out))
         return out
 
-    def public_line(self) -> str:
-        return f"{PUB_TAG} {base64.b64encode(self.raw_public).decode()} {self.source}"
-
 
 def parse_public_key(text: str, origin: str) -> bytes:
     parts = text.strip().split()
@@ -190,7 +187,7 @@ class TrustStore:
         from cryptography.exceptions import InvalidSignature
         if not isinstance(sig, dict) or not sig.get("sig") or not sig.get("key_id"):
             raise SignatureError(f"{what} is not signed",
-                                 hint="entries from shared tiers and bundles must be signed by a trusted key: "
+                                 hint="entries from remote caches and bundles must be signed by a trusted key: "
                                       "the builder needs JITKILN_SIGNING_KEY (or --key)")
         kid = str(sig["key_id"])
         raw = self.keys.get(kid)

@@ -33,14 +33,19 @@ Everything runs on the current stream without host synchronisation, so a call ca
 once its kernels are built (the first call for a new shape class may compile or load them: do that before
 capture, e.g. with ``jitkiln plan/build`` or one warm-up call).
 
-Torch is imported lazily: importing :mod:`jitkiln.moe` needs no torch.
+Torch is imported lazily: importing this module needs no torch.
+
+Longer than 400 lines: the torch call, its input checks, tier 0 and the references.
 """
 from __future__ import annotations
 
 import ctypes
 from typing import Any
 
-from .errors import LaunchError, UsageError
+from ... import runtime
+from ...errors import LaunchError, UsageError
+from ...family import get_family
+from .instances import BLOCK
 
 FAMILY = "moe2stage"
 ACTIVATIONS = {"silu": 0, "gelu": 1}
@@ -53,21 +58,12 @@ def _check(cond: bool, msg: str) -> None:
         raise UsageError(msg)
 
 
-def problem_of(hidden_states, w13, topk_ids, ep: int = 1) -> dict[str, int]:
-    T, H = hidden_states.shape
-    E, two_i, _ = w13.shape
-    return {"tokens": int(T), "hidden": int(H), "inter_dim": int(two_i // 2), "experts": int(E),
-            "topk": int(topk_ids.shape[1]), "ep": int(ep)}
-
-
 def module_for(variant: str, problems, policy: str = "compile", store=None):
     """The runtime module serving ``problems`` (one per variant, policy, store and instance set; cached).
 
     For a server: plan its whole deployment once, e.g. ``module_for("bf16", MoEShape.from_hf_config(...)
     problems, policy="tiered")``, and pass it to every :func:`fused_moe` call as ``module=``.
     """
-    from . import runtime  # the engine: plans, builds (per policy), caches and loads the instances
-    from .family import get_family
     fam = get_family(FAMILY)
     problems = [dict(p) for p in problems]
     sel = sorted({i.digest for p in problems for i in fam.select(variant, p).values()})
@@ -202,9 +198,6 @@ def fused_moe(hidden_states, w13, w2, topk_weights, topk_ids, activation: str = 
           sorted_pos.data_ptr(), T, k, E, H, I, _ptr(a2_scale), _ptr(w2_scale), ws.data_ptr(),
           ctypes.byref(ws2), stream)
     return out
-
-
-BLOCK = 128  # fp8b128 scale block
 
 
 def _is_block_scaled(w13_scale, w13) -> bool:

@@ -15,77 +15,80 @@ so a Ray build's artifacts equal a local build's byte for byte.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
-from .build import Executor, HeaderLabels, LocalCompile, UnitResult, compile_unit, unit_meta
-from .errors import CompileError, CompilerKilled, JitkilnError, UsageError
-from .plan import Plan, Unit
-from .store import Entry, Store
+from ..build import Compiled, Executor, Job, LocalCompile, compile_unit
+from ..compilers import CompileResult
+from ..errors import CompileError, CompilerKilled, JitkilnError, UsageError
+from ..family import get_family
+from ..headers import HeaderLabels
+from ..plan import Plan, find_compiler
 
 
 def reproducible_compile(family: str, variant: str, arch: str, name: str, source: str, ukey: str,
-                         toolchain_fp: str) -> dict[str, Any]:
-    """Compile one unit on this host (a Ray worker) with :func:`jitkiln.build.compile_unit` and return a
+                         compiler_fp: str) -> dict[str, Any]:
+    """Compile one job on this host (a Ray worker) with :func:`jitkiln.build.compile_unit` and return a
     plain dict (compile errors come back as ``{"error": ...}`` so the driver reports them with the log)."""
-    from .family import get_family
-    from .plan import toolchain_for
-
     host = os.uname().nodename
     spec = get_family(family).compile_spec(variant, arch)
-    tc, fp = toolchain_for(spec, required=True)
-    if fp != toolchain_fp:
+    tc, fp, _ = find_compiler(spec, required=True)
+    if fp != compiler_fp:
         return {"error": "toolchain", "host": host,
-                "reason": f"worker {host} has toolchain {fp}, the driver {toolchain_fp}",
+                "reason": f"worker {host} has compiler {fp}, the driver {compiler_fp}",
                 "hint": "install the same compiler on every Ray worker (same version and binaries), or build "
                         "without --executor ray"}
     with tempfile.NamedTemporaryFile(suffix=".log") as logf:
         try:
-            r, data, deps = compile_unit(spec, tc, HeaderLabels(spec, tc), name, source, ukey, log_path=logf.name)
+            c = compile_unit(spec, tc, HeaderLabels(spec, tc), name, source, ukey, log_path=logf.name)
         except CompileError as e:
             return {"error": "killed" if isinstance(e, CompilerKilled) else "compile", "host": host,
                     "reason": f"{e.reason} on {host}", "log": Path(logf.name).read_text(errors="replace")}
-        return {"artifact": data, "deps": deps, "seconds": r.seconds, "peak_rss": r.peak_rss, "phases": r.phases,
-                "log": Path(logf.name).read_text(errors="replace"), "host": host, "cpu_s": r.cpu_s}
+        r = c.result
+        return {"artifact": c.data, "deps": c.deps, "seconds": r.seconds, "peak_rss": r.peak_rss,
+                "phases": r.phases, "log": Path(logf.name).read_text(errors="replace"), "host": host,
+                "cpu_s": r.cpu_s, "mode": r.mode}
 
 
-def publish_result(store: Store, plan: Plan, unit: Unit, labels: HeaderLabels, res: UnitResult,
-                   r: dict[str, Any], where: str) -> Entry:
-    """Check a compile result against this machine's headers and publish it (locally, then the tiers)."""
-    log_path = store.log_path(unit.ukey)
+def check_result(plan: Plan, job: Job, labels: HeaderLabels, r: dict[str, Any], where: str,
+                 log_path: str) -> Compiled:
+    """A worker's result as this machine's: an error raised with its log, headers checked against ours."""
     if r.get("log"):
-        log_path.write_text(r["log"])
+        Path(log_path).write_text(r["log"])
     if "error" in r:
         if r["error"] == "toolchain":
             raise JitkilnError(r["reason"], hint=r.get("hint", ""))
         cls = CompilerKilled if r["error"] == "killed" else CompileError
-        raise cls(r["reason"], hint=f"the full log is {log_path}", unit=unit.instance.name, log=str(log_path))
+        raise cls(r["reason"], hint=f"the full log is {log_path}", unit=job.name, log=log_path)
     for lbl, d in r["deps"].items():
         mine = labels.digest(lbl)
         if mine != d:
             raise JitkilnError(
-                f"{where} compiled {unit.instance.name} against header {lbl} with digest {d[:12]}, but this "
+                f"{where} compiled {job.name} against header {lbl} with digest {d[:12]}, but this "
                 f"machine's is {(mine or 'absent')[:12]}",
                 hint="install the same headers (CUTLASS/CK version) on the workers as on the driver")
-    res.seconds, res.peak_rss, res.phases, res.log = round(r["seconds"], 3), r["peak_rss"], r["phases"], str(log_path)
-    res.cpu_s = round(r.get("cpu_s", 0.0), 3)
-    meta = unit_meta(plan, unit, r["seconds"], r["peak_rss"], r["phases"], r.get("cpu_s", 0.0))
-    meta["host"] = r.get("host", meta["host"])
-    meta["executor"] = where.split(" ")[0]
-    return store.publish(unit.ukey, r["deps"], r["artifact"], meta)
+    res = CompileResult(seconds=r["seconds"], peak_rss=r["peak_rss"], deps=[], phases=r["phases"],
+                        log="", cpu_s=r.get("cpu_s", 0.0), mode=r.get("mode", ""))
+    return Compiled(res, r["artifact"], r["deps"], r.get("host", ""))
 
 
 class RayCompile(Executor):
     """Units compile as Ray tasks (one CPU each by default); results are published by the driver."""
 
     name = "ray"
+    packs = False  # one task per unit: the cluster has the cores
 
     def __init__(self, address: str | None = None, num_cpus: float = 1, max_retries: int = 3,
-                 fallback_local: bool = True, init_kwargs: dict | None = None):
+                 fallback_local: bool = True, init_kwargs: dict | None = None, task_timeout: float | None = None,
+                 connect_timeout: float | None = None):
         self.address = address or os.environ.get("RAY_ADDRESS")
+        # bounded waits: a task (default 1 h: a heavy instance on a busy worker) and the first connection
+        self.task_timeout = task_timeout or float(os.environ.get("JITKILN_RAY_TASK_TIMEOUT", "3600"))
+        self.connect_timeout = connect_timeout or float(os.environ.get("JITKILN_RAY_CONNECT_TIMEOUT", "10"))
         self.num_cpus = num_cpus
         self.max_retries = max_retries
         self.fallback_local = fallback_local
@@ -107,6 +110,7 @@ class RayCompile(Executor):
                     raise UsageError("no Ray cluster address",
                                      hint="give --ray-address HOST:6379 (or ray://HOST:10001), or set RAY_ADDRESS; "
                                           "`--ray-address local` starts a one-machine cluster here")
+                _probe(self.address, self.connect_timeout)
                 try:
                     ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False,
                              **self.init_kwargs)
@@ -118,18 +122,35 @@ class RayCompile(Executor):
                                     retry_exceptions=False)(reproducible_compile)
             return self._task
 
-    def compile(self, store: Store, plan: Plan, unit: Unit, labels: HeaderLabels, res: UnitResult) -> Entry:
+    def compile(self, plan: Plan, job: Job, labels: HeaderLabels, log_path: str, spare_cores: int) -> Compiled:
         import ray
         task = self._remote()
-        ref = task.remote(plan.family.name, plan.variant, plan.spec.arch, unit.instance.name, unit.source,
-                          unit.ukey, plan.toolchain_fp)
+        ref = task.remote(plan.family.name, plan.variant, plan.spec.arch, job.name, job.source, job.ukey,
+                          plan.compiler_fp)
         try:
-            r = ray.get(ref)
-        except ray.exceptions.RayError as e:
+            r = ray.get(ref, timeout=self.task_timeout)
+        except (ray.exceptions.RayError, TimeoutError) as e:
             if not self.fallback_local:
-                raise JitkilnError(f"the Ray task compiling {unit.instance.name} failed: {type(e).__name__}",
+                raise JitkilnError(f"the Ray task compiling {job.name} failed: {type(e).__name__}",
                                    hint="see the Ray logs on the worker") from None
-            print(f"jitkiln: warning: the Ray task compiling {unit.instance.name} failed after "
-                  f"{self.max_retries} retries ({type(e).__name__}); compiling it here", file=sys.stderr)
-            return LocalCompile().compile(store, plan, unit, labels, res)
-        return publish_result(store, plan, unit, labels, res, r, f"ray worker {r.get('host', '?')}")
+            print(f"jitkiln: warning: the Ray task compiling {job.name} failed ({type(e).__name__}); "
+                  "compiling it here", file=sys.stderr)
+            return LocalCompile().compile(plan, job, labels, log_path, spare_cores)
+        return check_result(plan, job, labels, r, f"ray worker {r.get('host', '?')}", log_path)
+
+
+def _probe(address: str, timeout: float) -> None:
+    """Fail fast (``timeout`` seconds) when a ``HOST:PORT`` cluster address does not answer, instead of Ray's own
+    minutes of retries."""
+    import socket
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]]+?)\]?:(\d+)", address.strip())
+    if not m:
+        return  # "local", "auto", ... : Ray's own business
+    try:
+        with socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout):
+            pass
+    except OSError as e:
+        raise JitkilnError(f"cannot reach the Ray cluster at {address} within {timeout:.0f} s ({e.strerror or e})",
+                           hint="check the address and that `ray start --head` runs there "
+                                "(JITKILN_RAY_CONNECT_TIMEOUT sets the wait), or build without --executor ray"
+                           ) from None

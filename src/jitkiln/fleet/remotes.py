@@ -1,15 +1,12 @@
-"""Shared cache tiers behind the local store: a shared directory (NFS-like) and Redis.
+"""Remote caches behind the local store (see :mod:`jitkiln.fleet.store`): a shared directory and Redis.
 
-Order of lookup: local cache -> shared directory -> Redis. A hit in a farther tier is verified (digest and
-ed25519 signature, see :mod:`jitkiln.signing`) before it is published locally, and copied into the nearer
-tiers. A unit compiled here is published locally first, then written back, signed, to every tier.
-
-Namespacing: entries live under the toolchain fingerprint and arch that built them, so an old compiler's
+Namespacing: entries live under the compiler fingerprint and arch that built them, so an old compiler's
 entries can be dropped as a whole (``SCAN MATCH jitkiln:v1:<toolchain>:*`` or ``rm -r <dir>/v1/ns/<ns>``).
 
-Failure model: a tier that is down or slow costs one short timeout, one warning, and then it is skipped for
-``retry_s`` seconds (a circuit breaker); the build goes on with the local cache. Nothing a tier returns is
-trusted: the store verifies it, and refused entries are discarded from the tier and rebuilt.
+Failure model: a remote that is down or slow (a *transport* failure: connection refused, timeout, an I/O
+error of the file system) costs one short timeout, one warning, and then it is skipped for ``retry_s`` seconds
+(a circuit breaker); the build goes on locally. A bad *entry* (garbage, half written, a Redis key of the wrong
+type) is a miss for that key only, never a reason to skip the remote, and :meth:`Remote.put` replaces it.
 
 Environment (read by :func:`store_from_env`):
 
@@ -23,6 +20,8 @@ Environment (read by :func:`store_from_env`):
 ``JITKILN_SIGNING_KEY``     private key (``jitkiln keygen``) that signs what this machine writes
 ``JITKILN_TRUST_KEYS``      ``:``-separated ``.pub`` files or directories: whose entries are accepted
 =========================== =========================================================================
+
+Longer than 400 lines: two remotes (shared directory, Redis) with one failure model.
 """
 from __future__ import annotations
 
@@ -37,19 +36,41 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from .errors import JitkilnError, UsageError
-from .store import RemoteTier, Store, _write_durable, publish_entry_dir, remove_dir
+from ..errors import JitkilnError, UsageError
+from ..store import publish_entry_dir, remove_dir, write_durable
 
 NS_VERSION = "v1"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-class TierDown(JitkilnError):
-    """A tier failed recently; it is skipped until its retry time."""
+class RemoteDown(JitkilnError):
+    """A remote failed recently; it is skipped until its retry time."""
 
     quiet = True  # the failure that tripped the breaker was reported; skipping is silent
+
+
+Keep = Callable[[bytes, Any], bool]  # (artifact, meta) of an entry already there -> may it stay?
+
+
+class Remote:
+    """A remote cache. Everything it returns is verified by the fleet store before it is used."""
+
+    name = "remote"
+
+    def get(self, key: str) -> tuple[bytes, Any] | None:
+        raise NotImplementedError
+
+    def put(self, key: str, artifact: bytes, meta: dict, keep: Keep | None = None) -> None:
+        """Write an entry; an entry already at ``key`` stays only if ``keep(artifact, meta)`` says so."""
+        raise NotImplementedError
+
+    def get_manifest(self, ukey: str) -> list[dict]:
+        return []
+
+    def put_manifest(self, ukey: str, records: list[dict]) -> None:
+        pass
 
 
 def _ns(meta: dict) -> str:
@@ -62,6 +83,10 @@ def _check_key(key: str) -> str:
     if not _HEX64.fullmatch(key or ""):
         raise ValueError(f"not a cache key: {key!r}")
     return key
+
+
+# errors that concern one entry (a file where a folder should be, a name too long...), not the file system
+_ENTRY_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST, errno.ENOTEMPTY}
 
 
 def _note(msg: str) -> None:
@@ -78,7 +103,7 @@ class _Breaker:
 
     def check(self) -> None:
         if time.monotonic() < self.down_until:
-            raise TierDown(f"{self.name} is skipped after a recent failure (retrying in "
+            raise RemoteDown(f"{self.name} is skipped after a recent failure (retrying in "
                            f"{self.down_until - time.monotonic():.0f} s)")
 
     def trip(self) -> None:
@@ -87,7 +112,7 @@ class _Breaker:
 
 
 # --- shared directory --------------------------------------------------------------------------------------
-class SharedDirTier(RemoteTier):
+class SharedDirRemote(Remote):
     """A directory shared by many machines (NFS, a cluster filesystem). No locks across machines: an entry
     is written into ``tmp/`` and renamed into place complete (rename is atomic on NFS too); the first writer
     wins and later ones discard their copy. Manifest records are one file each, so writers never lose each
@@ -111,16 +136,6 @@ class SharedDirTier(RemoteTier):
         self._last_gc = 0.0
         self._skipped_big = False
 
-    def _guard(self, fn, *a):
-        self.breaker.check()
-        try:
-            return fn(*a)
-        except OSError as e:
-            if e.errno in (errno.ENOENT,):
-                raise
-            self.breaker.trip()
-            raise
-
     def _candidates(self, key: str) -> list[Path]:
         ns_root = self.root / "ns"
         try:
@@ -129,27 +144,46 @@ class SharedDirTier(RemoteTier):
             return []
         return [ns_root / ns / "obj" / key[:2] / key for ns in spaces]
 
-    def get(self, key: str) -> tuple[bytes, dict] | None:
+    def _read(self, d: Path) -> tuple[bytes, Any] | None:
+        """An entry directory's (artifact, meta); None if absent. A half-written or malformed entry comes back
+        as (bytes, a marker the fleet store refuses): a miss for this key, which a writer then replaces."""
+        try:
+            meta_raw = (d / "meta.json").read_bytes()
+        except FileNotFoundError:
+            if not d.exists():
+                return None
+            return b"", {"key": "(entry without meta.json)"}
+        except (IsADirectoryError, NotADirectoryError, PermissionError):
+            return b"", {"key": "(unreadable meta.json)"}
+        try:
+            meta = json.loads(meta_raw)
+        except ValueError:
+            meta = {"key": "(malformed meta.json)"}
+        try:
+            data = (d / "artifact").read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+            return b"", {"key": "(entry without its artifact)"}
+        return data, meta
+
+    def get(self, key: str) -> tuple[bytes, Any] | None:
         _check_key(key)
         self.breaker.check()
         try:
             for d in self._candidates(key):
-                try:
-                    meta = json.loads((d / "meta.json").read_bytes())
-                    data = (d / "artifact").read_bytes()
-                except FileNotFoundError:
+                got = self._read(d)
+                if got is None:
                     continue
-                except ValueError:
-                    return b"", {"key": "(unreadable metadata)"}  # the store refuses it, and discards it
                 with contextlib.suppress(OSError):
                     os.utime(d)  # last use, for gc
-                return data, meta
-        except OSError:
-            self.breaker.trip()
+                return got
+        except OSError as e:
+            if e.errno in _ENTRY_ERRNOS:
+                return None
+            self.breaker.trip()  # the file system itself failed (I/O error, stale handle...): skip it a while
             raise
         return None
 
-    def put(self, key: str, artifact: bytes, meta: dict) -> None:
+    def put(self, key: str, artifact: bytes, meta: dict, keep: Keep | None = None) -> None:
         _check_key(key)
         self.breaker.check()
         if self.max_entry_bytes is not None and len(artifact) > self.max_entry_bytes:
@@ -159,24 +193,28 @@ class SharedDirTier(RemoteTier):
                       "limit; such entries stay local")
             return
         final = self.root / "ns" / _ns(meta) / "obj" / key[:2] / key
-        if final.is_dir():
-            return
-        tmp = self.root / "tmp" / f"{key[:16]}.{os.uname().nodename}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         try:
+            for d in self._candidates(key):
+                got = self._read(d)
+                if got is None:
+                    continue
+                if keep is None or keep(*got):
+                    return  # a valid entry is there already
+                self._remove(d)  # a bad one (or one this writer cannot vouch for): replaced below
+            tmp = self.root / "tmp" / f"{key[:16]}.{os.uname().nodename}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
             publish_entry_dir(tmp, final, artifact, meta)  # first writer wins: False is fine
-        except OSError:
-            self.breaker.trip()
+        except OSError as e:
+            if e.errno not in _ENTRY_ERRNOS:
+                self.breaker.trip()
             raise
         self._maybe_gc()
 
-    def discard(self, key: str) -> None:
-        _check_key(key)
-        for d in self._candidates(key):
-            if d.is_dir():
-                gone = self.root / "tmp" / f"discard-{key[:16]}-{uuid.uuid4().hex[:8]}"
-                with contextlib.suppress(OSError):
-                    os.rename(d, gone)
-                    shutil.rmtree(gone, ignore_errors=True)
+    def _remove(self, d: Path) -> None:
+        gone = self.root / "tmp" / f"discard-{d.name[:16]}-{uuid.uuid4().hex[:8]}"
+        gone.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            os.rename(d, gone)
+        shutil.rmtree(gone, ignore_errors=True)
 
     def get_manifest(self, ukey: str) -> list[dict]:
         _check_key(ukey)
@@ -211,7 +249,7 @@ class SharedDirTier(RemoteTier):
                 if p.exists():
                     continue
                 tmp = d / f".{key[:16]}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp"
-                _write_durable(tmp, json.dumps({"key": key, "deps": rec.get("deps", {})}).encode())
+                write_durable(tmp, json.dumps({"key": key, "deps": rec.get("deps", {})}).encode())
                 os.replace(tmp, p)
         except OSError:
             self.breaker.trip()
@@ -253,7 +291,7 @@ class SharedDirTier(RemoteTier):
 
 
 # --- Redis ---------------------------------------------------------------------------------------------------
-class RedisTier(RemoteTier):
+class RedisRemote(Remote):
     """Redis (redis-py). Keys::
 
         jitkiln:v1:<toolchain>:<arch>:obj:<key>   hash {artifact, meta}  (written in one MULTI)
@@ -290,13 +328,17 @@ class RedisTier(RemoteTier):
             raise UsageError(f"bad JITKILN_REDIS_URL {_redact(url)!r}: {e}",
                              hint="give it as redis://HOST:PORT/DB (rediss:// for TLS)") from None
 
-    def _call(self, fn, *a):
+    def _call(self, fn, *a, default=None):
+        """Run a Redis call. Transport failures (connection, timeout) trip the breaker; a reply error about one
+        key (e.g. WRONGTYPE: a key holding another type) is a miss for that key: ``default``."""
         self.breaker.check()
         try:
             return fn(*a)
-        except self._redis.RedisError:
+        except (self._redis.ConnectionError, self._redis.TimeoutError):
             self.breaker.trip()
             raise
+        except self._redis.ResponseError:
+            return default
 
     def _obj(self, ns: str, key: str) -> str:
         return f"{self.prefix}:{ns}:obj:{key}"
@@ -323,7 +365,8 @@ class RedisTier(RemoteTier):
             return h[b"artifact"], meta
         return self._call(do)
 
-    def put(self, key: str, artifact: bytes, meta: dict) -> None:
+    def put(self, key: str, artifact: bytes, meta: dict, keep: Keep | None = None) -> None:
+        # an entry already there is overwritten in one transaction (a bad one, or the same bytes again)
         _check_key(key)
         if len(artifact) > self.max_entry_bytes:
             if not self._skipped_big:
@@ -343,19 +386,9 @@ class RedisTier(RemoteTier):
             p.execute()
         self._call(do)
 
-    def discard(self, key: str) -> None:
-        _check_key(key)
-
-        def do():
-            loc = self.client.get(f"{self.prefix}:loc:{key}")
-            if loc is not None:
-                self.client.delete(self._obj(loc.decode(), key))
-            self.client.delete(f"{self.prefix}:loc:{key}")
-        self._call(do)
-
     def get_manifest(self, ukey: str) -> list[dict]:
         _check_key(ukey)
-        h = self._call(self.client.hgetall, f"{self.prefix}:man:{ukey}") or {}
+        h = self._call(self.client.hgetall, f"{self.prefix}:man:{ukey}", default={}) or {}
         recs = []
         for k, v in h.items():
             with contextlib.suppress(ValueError, UnicodeDecodeError):
@@ -370,10 +403,14 @@ class RedisTier(RemoteTier):
         if not mapping:
             return
 
+        mkey = f"{self.prefix}:man:{ukey}"
+
         def do():
+            if self.client.type(mkey) not in (b"hash", b"none", "hash", "none"):
+                self.client.delete(mkey)  # a key of another type (damaged or foreign): replace it
             p = self.client.pipeline(transaction=True)
-            p.hset(f"{self.prefix}:man:{ukey}", mapping=mapping)
-            p.expire(f"{self.prefix}:man:{ukey}", self.ttl_s)
+            p.hset(mkey, mapping=mapping)
+            p.expire(mkey, self.ttl_s)
             p.execute()
         self._call(do)
 
@@ -382,64 +419,3 @@ def _redact(url: str) -> str:
     return re.sub(r"//([^@/]*)@", "//***@", url)
 
 
-# --- configuration -------------------------------------------------------------------------------------------
-def _size(s: str | None, var: str) -> int | None:
-    if not s:
-        return None
-    from .cli import parse_size
-    try:
-        return parse_size(s)
-    except JitkilnError:
-        raise UsageError(f"bad {var}={s!r}", hint="give a size such as 500M or 200G") from None
-
-
-_config_noted: set[str] = set()
-
-
-def _note_once(tag: str, msg: str) -> None:
-    if tag not in _config_noted:
-        _config_noted.add(tag)
-        _note(msg)
-
-
-def tiers_from_env(env: dict | None = None) -> list[RemoteTier]:
-    env = os.environ if env is None else env
-    tiers: list[RemoteTier] = []
-    if env.get("JITKILN_SHARED_DIR"):
-        tiers.append(SharedDirTier(env["JITKILN_SHARED_DIR"],
-                                   max_bytes=_size(env.get("JITKILN_SHARED_MAX_SIZE"), "JITKILN_SHARED_MAX_SIZE")))
-    if env.get("JITKILN_REDIS_URL"):
-        kw: dict[str, Any] = {}
-        if env.get("JITKILN_REDIS_TTL"):
-            try:
-                kw["ttl_s"] = int(env["JITKILN_REDIS_TTL"])
-            except ValueError:
-                raise UsageError(f"bad JITKILN_REDIS_TTL={env['JITKILN_REDIS_TTL']!r}",
-                                 hint="give seconds, e.g. 2592000 for 30 days") from None
-        big = _size(env.get("JITKILN_REDIS_MAX_ENTRY"), "JITKILN_REDIS_MAX_ENTRY")
-        if big:
-            kw["max_entry_bytes"] = big
-        tiers.append(RedisTier(env["JITKILN_REDIS_URL"], **kw))
-    return tiers
-
-
-def store_from_env(root: str | os.PathLike | None = None, env: dict | None = None) -> Store:
-    """A Store with the tiers, signing key and trusted keys the environment configures (see module doc)."""
-    from .signing import Signer, TrustStore
-    env = os.environ if env is None else env
-    tiers = tiers_from_env(env)
-    if not tiers:
-        return Store(root)
-    signer = Signer.from_file(env["JITKILN_SIGNING_KEY"]) if env.get("JITKILN_SIGNING_KEY") else None
-    trust = TrustStore.from_paths(env.get("JITKILN_TRUST_KEYS"))
-    if signer is not None:
-        trust.add(signer.raw_public, signer.source)
-    if not trust:
-        _note_once("no-trust", "shared cache tiers are configured but no trusted key is: every remote entry will "
-                               "be refused and rebuilt here. Set JITKILN_TRUST_KEYS to the builders' .pub files "
-                               "(see docs/fleet.md)")
-    if signer is None:
-        _note_once("no-signer", "no JITKILN_SIGNING_KEY: units compiled here are not shared (the tiers are "
-                                "read-only for this machine)")
-    return Store(root, remotes=tiers, verify_remote=trust,
-                 sign_remote=(signer.sign_meta if signer is not None else (lambda meta: None)))
