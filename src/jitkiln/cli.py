@@ -48,6 +48,7 @@ def _out_dir(path: str) -> Path:
 
 def cmd_build(args) -> int:
     plan = plan_from_args(args, require_compiler=True)
+    plan.require_compiler()  # what a build needs beyond planning (e.g. headers): said first
     out = _out_dir(args.out) if args.out else None
     store = store_from_args(args)
     store.check_root()  # an unusable cache is the first thing to say, before any output

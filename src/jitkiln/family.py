@@ -211,6 +211,10 @@ class Family(ABC):
                 parts.append(f"{key.name} in {vals[0]}..{vals[-1]} ({len(vals)} values)")
         return "; ".join(parts)
 
+    def check_buildable(self, spec: CompileSpec) -> None:
+        """Raise (one line, and the package to install) when units of ``spec`` cannot be compiled here, e.g.
+        headers a build needs and planning does not. Called once before a build compiles anything."""
+
     # --- tier 0 ---------------------------------------------------------------------------------------
     def fallback(self, variant: str, problem: Problem):
         """A callable that serves ``problem`` correctly with nothing to compile (e.g. a library kernel the

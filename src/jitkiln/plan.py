@@ -46,6 +46,7 @@ class Plan:
         """The plan's compiler, or the error saying why there is none (what to install)."""
         if self.compiler is None:
             raise self.compiler_error or JitkilnError(f"no compiler {self.spec.toolchain!r} for this plan")
+        self.family.check_buildable(self.spec)
         return self.compiler
 
     def unit(self, instance: Instance, why: str = "", urgent: bool = False) -> Unit:

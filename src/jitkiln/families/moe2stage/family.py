@@ -5,7 +5,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 from ...cutlass import cutlass_include_dirs
-from ...errors import UsageError
+from ...errors import ToolchainNotFound, UsageError
 from ...family import CompileSpec, Family, Instance, Packer, Problem, ShapeKey, register
 from . import heuristic
 from .instances import BLOCK, MoEGemm
@@ -19,6 +19,13 @@ VARIANTS = {
     "fp8": "fp8",  # e4m3, per-tensor activation scale, per-expert weight scale
     "fp8b128": "fp8b128",  # e4m3, 128-block scales: activations 1x128 per token, weights 128x128 (DeepSeek-V3)
 }
+def _cutlass_or_none() -> tuple[str, ...]:
+    try:
+        return tuple(cutlass_include_dirs())
+    except ToolchainNotFound:
+        return ()
+
+
 _JK = re.compile(r"\bjk\b")
 
 
@@ -81,8 +88,12 @@ class MoE2Stage(Family):
             # the toolchain adds -std=c++17 -O3 -shared -fPIC and -gencode for sm_90a
             flags=("-DNDEBUG", "--expt-relaxed-constexpr", "--expt-extended-lambda",
                    "-DCUTLASS_ENABLE_TENSOR_CORE_MMA=1", "-Xptxas=-warn-spills"),
-            include_dirs=tuple(cutlass_include_dirs()),
+            include_dirs=_cutlass_or_none(),  # planning needs no headers (they key entries, not plans)
         )
+
+    def check_buildable(self, spec: CompileSpec) -> None:
+        if not spec.include_dirs:
+            cutlass_include_dirs()  # raises: CUTLASS headers not found, and the pip command
 
     # --- problems ---------------------------------------------------------------------------------
     def check_problem(self, problem: Problem) -> dict[str, Any]:
