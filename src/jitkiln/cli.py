@@ -20,11 +20,11 @@ from .cliargs import (ArgumentParser, add_plan_args, executor_from_args, plan_fr
                       store_from_args)
 from .compilers.base import kill_compilers
 from .cutlass import cutlass_include_dirs
-from .errors import JitkilnError, UsageError
+from .errors import JitkilnError, StoreError, UsageError
 from .family import family_names
 from .plan import format_table
 from .plugins import entry_points
-from .report import format_text, load_record, summarize, timeline
+from .report import check_timeline_path, format_text, load_record, summarize, timeline
 from .sizes import parse_age, parse_size
 from .store import Store, default_root
 
@@ -81,6 +81,8 @@ def cmd_build(args) -> int:
 
 
 def cmd_report(args) -> int:
+    if args.timeline:
+        check_timeline_path(args.timeline)  # before any work: a path that cannot be written is the reason
     store = store_from_args(args)
     rec = load_record(args.record, store)
     if args.timeline:
@@ -97,9 +99,14 @@ def cmd_report(args) -> int:
 def cmd_cache(args) -> int:
     store = store_from_args(args)
     if args.action == "path":
+        store.check_path()  # a file is no cache path (nothing is created here)
         print(store.base)
     elif args.action == "ls":
         rows = store.ls()
+        bad = [r for r in rows if r.get("bad")]
+        if bad:  # the reason first: a listing of a damaged cache must not read as a healthy one
+            raise StoreError(f"{len(bad)} cache entries have malformed metadata (first: {bad[0]['key'][:16]}: "
+                             f"{bad[0]['bad']})", hint="run `jitkiln cache verify` to move them aside")
         if args.json:
             print(json.dumps(rows, indent=1))
         else:
@@ -116,8 +123,8 @@ def cmd_cache(args) -> int:
     elif args.action == "gc":
         if args.max_size is None and args.max_age is None:
             raise UsageError("cache gc needs --max-size SIZE and/or --max-age AGE (e.g. --max-size 20G --max-age 30d)")
-        removed = store.gc(parse_size(args.max_size) if args.max_size else None,
-                           parse_age(args.max_age) if args.max_age else None)
+        removed = store.gc(parse_size(args.max_size) if args.max_size is not None else None,
+                           parse_age(args.max_age) if args.max_age is not None else None)
         print(f"removed {len(removed)} entries; {store.size() / 2**20:.1f} MB left in {store.base}")
     return 0
 

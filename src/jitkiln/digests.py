@@ -8,6 +8,7 @@ cannot be set back by a user, unlike ``st_mtime``): any change to a header means
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -84,7 +85,11 @@ def flush() -> None:
                 disk.update(_memo[mp])
                 p.parent.mkdir(parents=True, exist_ok=True)
                 tmp = p.with_suffix(f".{os.getpid()}.{os.urandom(3).hex()}.tmp")
-                tmp.write_text(json.dumps(disk))
-                os.replace(tmp, p)
+                try:
+                    tmp.write_text(json.dumps(disk))
+                    os.replace(tmp, p)
+                finally:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
             except OSError:
                 pass

@@ -104,12 +104,25 @@ class Option:
         return self.flag.lstrip("-").replace("-", "_")
 
 
+def _integral(v: Any) -> bool:
+    """An int (not a bool), or text spelling one: never a float (8.5 would silently plan m=8)."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return True
+    if isinstance(v, str):
+        t = v.strip()
+        return t.lstrip("+-").isdigit() and t.isascii()
+    return False
+
+
 @dataclass(frozen=True)
 class ShapeKey:
     name: str
     type: type = int
     doc: str = ""
     min: int | None = 1  # integer keys are sizes: at least this (None: no bound)
+    max: int | None = 2**31 - 1  # ... and at most this (a size no kernel indexes with 32-bit math is a typo)
 
 
 class Family(ABC):
@@ -182,12 +195,17 @@ class Family(ABC):
             if k not in known:
                 raise UsageError(f"unknown shape key {k!r} for family {self.name!r}; "
                                  f"known keys: {', '.join(known) or '(none)'}")
+            sk = known[k]
+            if sk.type is int and not _integral(v):
+                raise UsageError(f"shape key {k}={v!r} is not an integer")
             try:
-                out[k] = known[k].type(v)
-            except (TypeError, ValueError):
-                raise UsageError(f"shape key {k}={v!r} is not a valid {known[k].type.__name__}") from None
-            if known[k].type is int and known[k].min is not None and out[k] < known[k].min:
-                raise UsageError(f"shape key {k}={v!r} must be >= {known[k].min}")
+                out[k] = sk.type(v)
+            except (TypeError, ValueError, OverflowError):
+                raise UsageError(f"shape key {k}={v!r} is not a valid {sk.type.__name__}") from None
+            if sk.type is int and sk.min is not None and out[k] < sk.min:
+                raise UsageError(f"shape key {k}={v!r} must be >= {sk.min}")
+            if sk.type is int and sk.max is not None and out[k] > sk.max:
+                raise UsageError(f"shape key {k}={v!r} is implausibly large (more than {sk.max})")
         missing = [k for k in known if k not in out]
         if missing:
             raise UsageError(f"shape for family {self.name!r} lacks {', '.join(missing)}; "

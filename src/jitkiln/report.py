@@ -15,21 +15,70 @@ def load_record(which: str | None, store: Store) -> dict[str, Any]:
     """A build record: a path, or ``last`` / None for the newest one in the store."""
     if which in (None, "last"):
         last = store.root / "builds" / "last"
-        if not last.exists():
+        if not last.is_file():
             raise UsageError(f"no build recorded in {store.base}",
                              hint="run `jitkiln build ...` first, or pass a build record's path")
-        which = last.read_text().strip()
+        try:
+            which = last.read_bytes().decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{last} does not name a build record ({e})",
+                             hint="run `jitkiln build ...` again, or pass a build record's path") from None
+        if not which or "\0" in which:
+            raise UsageError(f"{last} does not name a build record",
+                             hint="run `jitkiln build ...` again, or pass a build record's path")
     p = Path(which)
     try:
-        rec = json.loads(p.read_text())
+        rec = json.loads(p.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise UsageError(f"no build record at {p}", hint="pass the path `jitkiln build` printed") from None
+    except IsADirectoryError:
+        raise UsageError(f"{p} is a folder, not a build record",
+                         hint="pass the build record's .json file (in the cache's v1/builds/)") from None
+    except OSError as e:
+        raise UsageError(f"cannot read build record {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"build record {p} is not UTF-8 text: not a jitkiln build record") from None
     except ValueError as e:
         raise UsageError(f"build record {p} is not valid JSON ({e})") from None
-    if not isinstance(rec, dict) or "units" not in rec:
-        raise UsageError(f"{p} is not a jitkiln build record (no 'units')")
+    why = _record_problem(rec)
+    if why:
+        raise UsageError(f"{p} is not a jitkiln build record ({why})",
+                         hint="pass the path `jitkiln build` printed")
     rec["_path"] = str(p)
     return rec
+
+
+_NUM = (int, float)
+_UNIT_FIELDS = {"name": str, "status": str, "seconds": _NUM, "start": _NUM, "end": _NUM, "peak_rss": _NUM}
+_REC_FIELDS = {"family": str, "variant": str, "module_key": str, "wall_s": _NUM, "critical_path_s": _NUM}
+
+
+def _bad_type(v: Any, t) -> bool:
+    return isinstance(v, bool) or not isinstance(v, t)
+
+
+def _record_problem(rec: Any) -> str:
+    """Why ``rec`` is not a build record this report can read ('' if it is)."""
+    if not isinstance(rec, dict):
+        return f"JSON {type(rec).__name__}, not an object"
+    if "units" not in rec:
+        return "no 'units'"
+    for k, t in _REC_FIELDS.items():
+        if _bad_type(rec.get(k), t):
+            return f"no valid {k!r}"
+    units = rec["units"]
+    if not isinstance(units, list) or not units:
+        return "no units"
+    for u in units:
+        if not isinstance(u, dict) or any(_bad_type(u.get(k), t) for k, t in _UNIT_FIELDS.items()):
+            return "a unit without name, status, times or memory"
+    for k in ("cache_hits", "failed", "unused"):
+        if not isinstance(rec.get(k, []), list):
+            return f"{k!r} is not a list"
+    if not all(isinstance(u, dict) and isinstance(u.get("name"), str) and isinstance(u.get("reason"), str)
+               for u in rec.get("unused", [])):
+        return "a malformed 'unused' entry"
+    return ""
 
 
 def summarize(rec: dict[str, Any], top: int = 5) -> dict[str, Any]:
@@ -149,5 +198,28 @@ def timeline_html(rec: dict[str, Any], out: str) -> str:
     return out
 
 
+TIMELINE_SUFFIXES = (".html", ".htm", ".png", ".svg", ".pdf")
+
+
+def check_timeline_path(out: str) -> None:
+    """Refuse a --timeline path that cannot be written, before any work (one line, the reason)."""
+    p = Path(out)
+    if not p.name or p.suffix.lower() not in TIMELINE_SUFFIXES:
+        raise UsageError(f"--timeline {out}: unknown picture type {p.suffix or '(no suffix)'!r}",
+                         hint="give a file ending in .html (self-contained) or .png (needs matplotlib)")
+    if p.is_dir():
+        raise UsageError(f"--timeline {out} is a folder", hint="give a file path such as build.html")
+    parent = p.parent
+    if not parent.is_dir():
+        raise UsageError(f"--timeline {out}: the folder {parent} does not exist or is not a folder",
+                         hint="create the folder first, or write the timeline elsewhere")
+
+
 def timeline(rec: dict[str, Any], out: str) -> str:
-    return timeline_html(rec, out) if out.endswith((".html", ".htm")) else timeline_png(rec, out)
+    check_timeline_path(out)
+    try:
+        if out.lower().endswith((".html", ".htm")):
+            return timeline_html(rec, out)
+        return timeline_png(rec, out)
+    except OSError as e:
+        raise UsageError(f"cannot write the timeline {out}: {e.strerror or e}") from None

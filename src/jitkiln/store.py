@@ -74,14 +74,37 @@ class Store:
         """Raise a one-line StoreError unless the cache can at least be read: its root is a folder (a missing
         one is created). A read-only cache passes: it serves hits, and only a miss fails (in :meth:`ensure`)."""
         if self.root.is_dir():
+            self._check_layout()
+            self._sweep_once()
             return
-        for p in (self.base, *self.base.parents):
+        self.check_path()
+        self.ensure()
+        self._sweep_once()
+
+    def check_path(self) -> None:
+        """Raise a one-line StoreError if the cache root (or a folder above it) is a file; creates nothing."""
+        for p in (self.root, self.base, *self.base.parents):
             if p.exists() and not p.is_dir():
-                raise StoreError(f"cache directory {self.base} is not writable: {p} is a file",
+                raise StoreError(f"cache directory {self.base} is unusable: {p} is a file, not a folder",
                                  hint="set JITKILN_CACHE_DIR (or --cache-dir) to a folder")
             if p.exists():
                 break
-        self.ensure()
+
+    def _check_layout(self) -> None:
+        for sub in ("objects", "manifests", "locks", "tmp", "builds"):
+            p = self.root / sub
+            if p.exists() and not p.is_dir():
+                raise StoreError(f"cache directory {self.base} is damaged: {p} is a file, not a folder",
+                                 hint=f"move {p} aside (or point JITKILN_CACHE_DIR elsewhere)")
+
+    def _sweep_once(self) -> None:
+        """Remove stale temporaries of killed writers (once per store, best effort; never on a read-only cache)."""
+        if getattr(self, "_swept", False):
+            return
+        self._swept = True
+        tmp = self.root / "tmp"
+        if tmp.is_dir() and os.access(tmp, os.W_OK):
+            sweep_stale_temporaries(tmp)
 
     def ensure(self) -> None:
         if self._ready:
@@ -275,6 +298,9 @@ class Store:
         self.check_root()
         objs = self.root / "objects"
         if not objs.is_dir():
+            if objs.exists():
+                raise StoreError(f"cache directory {self.base} is damaged: {objs} is not a folder",
+                                 hint=f"move {objs} aside (or point JITKILN_CACHE_DIR elsewhere)")
             return
         for sub in sorted(objs.iterdir()):
             if sub.is_dir():
@@ -282,16 +308,35 @@ class Store:
                     yield d.name, d
 
     def ls(self) -> list[dict]:
+        """One row per entry. An entry whose metadata is unreadable or malformed gets a row with ``bad`` set
+        (the reason): the caller reports it (``cache verify`` moves such entries aside)."""
         out = []
         for key, d in self.entries():
+            bad = ""
             try:
-                meta = json.loads((d / "meta.json").read_text())
-            except (OSError, ValueError):
-                meta = {"name": "(unreadable metadata)"}
-            out.append({"key": key, "name": meta.get("name"), "family": meta.get("family"),
-                        "size": meta.get("size"), "compile_s": meta.get("compile_s"),
-                        "peak_rss": meta.get("peak_rss"), "toolchain": meta.get("toolchain"),
-                        "arch": meta.get("arch"), "last_used": d.stat().st_mtime})
+                meta = json.loads((d / "meta.json").read_bytes().decode("utf-8"))
+                if not isinstance(meta, dict):
+                    bad, meta = f"metadata is JSON {type(meta).__name__}, not an object", {}
+            except (OSError, ValueError) as e:
+                bad, meta = f"unreadable metadata ({type(e).__name__})", {}
+            row = {"key": key, "name": meta.get("name"), "family": meta.get("family"),
+                   "size": meta.get("size"), "compile_s": meta.get("compile_s"),
+                   "peak_rss": meta.get("peak_rss"), "toolchain": meta.get("toolchain"),
+                   "arch": meta.get("arch")}
+            types = {"name": str, "family": str, "size": int, "compile_s": (int, float), "peak_rss": int,
+                     "toolchain": str, "arch": str}
+            for f, t in types.items():
+                v = row[f]
+                if v is not None and (isinstance(v, bool) or not isinstance(v, t)):
+                    bad = bad or f"metadata field {f!r} has the wrong type ({type(v).__name__})"
+                    row[f] = None
+            try:
+                row["last_used"] = d.stat().st_mtime
+            except OSError:
+                row["last_used"] = None
+            if bad:
+                row["bad"] = bad
+            out.append(row)
         return out
 
     def verify_all(self) -> tuple[int, list[str]]:
@@ -325,7 +370,12 @@ class Store:
                 sz = sum((d / f).stat().st_size for f in ("artifact", "meta.json") if (d / f).exists())
             except OSError:
                 continue
-            items.append((st.st_mtime, key, d, sz))
+            mtime = st.st_mtime
+            if mtime > now + 60:  # dated in the future (clock skew, a copy): it ages from now, never immortal
+                with contextlib.suppress(OSError):
+                    os.utime(d, (now, now))
+                mtime = now
+            items.append((mtime, key, d, sz))
         items.sort()
         removed = []
         total = sum(i[3] for i in items)
@@ -337,10 +387,7 @@ class Store:
                     continue
                 total -= sz
                 removed.append(key)
-        for t in (self.root / "tmp").iterdir():
-            with contextlib.suppress(OSError):
-                if now - t.stat().st_mtime > 3600:
-                    shutil.rmtree(t) if t.is_dir() else t.unlink()
+        sweep_stale_temporaries(self.root / "tmp")
         return removed
 
     # --- build records ------------------------------------------------------------------------------
@@ -380,6 +427,57 @@ def publish_entry_dir(tmp: Path, final: Path, artifact: bytes, meta: dict) -> bo
         return True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+STALE_TMP_S = 3600.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def writer_pid(name: str, host: str | None = None) -> int | None:
+    """The pid a temporary's name records (``KEY.PID.RAND``, ``KEY.HOST.PID.RAND``, ``.probe-PID-RAND``,
+    ``.NAME.PID.tmp``), if it was written on this host; None when unknown."""
+    import re
+    host = host or os.uname().nodename
+    m = re.fullmatch(r"\.probe-(\d+)-[0-9a-f]+", name) or re.fullmatch(r"[0-9a-f]{16}\.(\d+)\.[0-9a-f]+", name) \
+        or re.fullmatch(r"\..+\.(\d+)\.tmp", name)
+    if m:
+        return int(m.group(1))
+    m = re.fullmatch(r"[0-9a-f]{16}\.(.+)\.(\d+)\.[0-9a-f]+", name)
+    if m and m.group(1) == host:
+        return int(m.group(2))
+    return None
+
+
+def sweep_stale_temporaries(tmp: Path, max_age_s: float = STALE_TMP_S) -> list[str]:
+    """Remove what killed writers left in ``tmp``: anything older than ``max_age_s``, or written by a process
+    of this host that is gone. A live writer's fresh temporary is never touched. Best effort."""
+    removed = []
+    now = time.time()
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return removed
+    for n in names:
+        t = tmp / n
+        try:
+            age = now - t.lstat().st_mtime
+        except OSError:
+            continue
+        pid = writer_pid(n)
+        if age > max_age_s or (pid is not None and pid != os.getpid() and not _pid_alive(pid)):
+            with contextlib.suppress(OSError):
+                shutil.rmtree(t) if t.is_dir() and not t.is_symlink() else t.unlink()
+                removed.append(n)
+    return removed
 
 
 def remove_dir(d: Path, tmp_root: Path) -> bool:

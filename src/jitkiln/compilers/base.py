@@ -275,13 +275,18 @@ def remembered(kind: str, path: str, compute: Callable[[], str]) -> str:
         return memo[k]
     d = compute()
     memo[k] = _remembered_memo[k] = d
+    tmp = cp.with_suffix(f".{os.getpid()}.{os.urandom(3).hex()}.tmp")
     try:
         cp.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cp.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(memo))
         os.replace(tmp, cp)
     except OSError:
-        pass  # a read-only cache only costs re-hashing next time
+        pass  # a read-only (or full) cache only costs re-hashing next time
+    finally:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
     return d
 
 

@@ -16,6 +16,7 @@ exactly as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -32,7 +33,7 @@ from ..family import get_family
 from ..headers import HeaderLabels
 from ..keys import entry_key
 from ..plan import find_compiler
-from ..store import Store
+from ..store import Store, remove_dir
 from .signing import SignatureError, Signer, TrustStore
 
 FORMAT = "jitkiln-bundle"
@@ -94,7 +95,6 @@ def write_bundle(out: str | os.PathLike, plan, store: Store, signer) -> dict[str
     mbytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
     sig = json.dumps(signer.sign_bytes(mbytes)).encode()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
@@ -103,16 +103,26 @@ def write_bundle(out: str | os.PathLike, plan, store: Store, signer) -> dict[str
                 ti.size, ti.mode, ti.mtime = len(data), 0o644, int(manifest["created"])
                 tf.addfile(ti, io.BytesIO(data))
         os.replace(tmp, out)
+    except OSError as e:
+        raise UsageError(f"cannot write the bundle {out}: {e.strerror or e}",
+                         hint="give -o a file path in an existing, writable folder") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     return manifest
 
 
 # --- read and check ------------------------------------------------------------------------------------------
 def read_bundle(path: str | os.PathLike, trust, precheck=None) -> tuple[dict, dict[str, tuple[bytes, dict]]]:
-    """Open and fully verify a bundle: (manifest, {key: (artifact, meta)}). Raises BundleRefused."""
+    """Open and fully verify a bundle: (manifest, {key: (artifact, meta)}). Raises BundleRefused.
+
+    Bounded: the manifest and its signature come first and are checked before any other member is read; every
+    member then must be one the signed manifest lists, and is read only up to the size the manifest gives it
+    (a member of another size is refused without reading it)."""
     path = Path(path)
     what = f"bundle {path}"
+    if path.is_dir():
+        raise UsageError(f"{what} is a folder, not a bundle file")
     try:
         tf = tarfile.open(path, "r:")
     except FileNotFoundError:
@@ -121,6 +131,11 @@ def read_bundle(path: str | os.PathLike, trust, precheck=None) -> tuple[dict, di
         raise BundleRefused(f"{what} is not a readable bundle ({e})",
                             hint="it may be truncated or not a bundle at all: copy it again") from None
     blobs: dict[str, bytes] = {}
+    head: dict[str, bytes] = {}
+    manifest: dict | None = None
+    signer_id = ""
+    limits: dict[str, int] = {}  # member name -> the size the signed manifest gives it
+    names: dict[str, str] = {}  # member name -> its instance's name
     try:
         with tf:
             for m in tf:
@@ -134,60 +149,62 @@ def read_bundle(path: str | os.PathLike, trust, precheck=None) -> tuple[dict, di
                     raise BundleRefused(f"{what} contains an unexpected path {name!r} (absolute, '..', or not "
                                         "a bundle file)",
                                         hint="do not seed it: rebuild it with `jitkiln prebuild`")
-                if name in blobs:
+                if name in blobs or name in head:
                     raise BundleRefused(f"{what} contains {name!r} twice", hint="rebuild it with `jitkiln prebuild`")
-                if name.startswith("manifest") and m.size > MAX_MANIFEST:
-                    raise BundleRefused(f"{what}: {name} is implausibly large ({m.size} bytes)")
-                f = tf.extractfile(m)
-                data = f.read() if f is not None else b""
-                if len(data) != m.size:
-                    raise BundleRefused(f"{what} is truncated (in {name})", hint="copy it again")
-                blobs[name] = data
+                if name.startswith("manifest"):
+                    if manifest is not None:
+                        raise BundleRefused(f"{what}: {name} after the objects", hint="rebuild it with `jitkiln prebuild`")
+                    if m.size > MAX_MANIFEST:
+                        raise BundleRefused(f"{what}: {name} is implausibly large ({m.size} bytes)")
+                    head[name] = _read_member(tf, m, what)
+                    if len(head) == 2:
+                        manifest, signer_id = _check_manifest(head, trust, what)
+                        if precheck is not None:
+                            precheck(manifest)  # toolchain and arch: the most actionable refusal, first
+                        limits = _member_limits(manifest, what)
+                        names = {f"objects/{e['key']}/{f}": e["name"] for e in manifest["instances"]
+                                 for f in ("artifact", "meta.json")}
+                    continue
+                if manifest is None:
+                    raise BundleRefused(f"{what}: {name} comes before the signed manifest (or the bundle is not "
+                                        "signed)", hint="bundles are written by `jitkiln prebuild --key ...`; "
+                                                         "rebuild it")
+                if name not in limits:
+                    raise BundleRefused(f"{what} contains a file its manifest does not list: {name}",
+                                        hint="do not use this bundle; rebuild it with `jitkiln prebuild`")
+                if m.size != limits[name]:
+                    kind = "metadata" if name.endswith("meta.json") else "artifact"
+                    raise BundleRefused(f"{what}: {names[name]}: the {kind} does not match its signed digest "
+                                        f"({m.size} bytes, the signed manifest says {limits[name]}: tampered or "
+                                        "damaged)", hint="do not use this bundle; rebuild it with `jitkiln prebuild`")
+                blobs[name] = _read_member(tf, m, what)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise BundleRefused(f"{what} is truncated or damaged ({type(e).__name__}: {e})",
                             hint="copy it again (compare its size and sha256 with the original)") from None
-    if "manifest.json" not in blobs:
-        raise BundleRefused(f"{what} has no manifest.json", hint="it is not a jitkiln bundle, or it is truncated")
-    if "manifest.sig" not in blobs:
+    if manifest is None:
+        if "manifest.json" not in head:
+            raise BundleRefused(f"{what} has no manifest.json", hint="it is not a jitkiln bundle, or it is truncated")
         raise BundleRefused(f"{what} is not signed (no manifest.sig)",
                             hint="bundles must be written by `jitkiln prebuild --key ...`")
-    try:
-        sig = json.loads(blobs["manifest.sig"])
-    except ValueError:
-        raise BundleRefused(f"{what}: manifest.sig is not valid JSON") from None
-    try:
-        signer_id = trust.verify_bytes(blobs["manifest.json"], sig, f"{what}: its manifest")
-    except SignatureError as e:
-        raise BundleRefused(e.reason, hint=e.hint) from None
-    try:
-        manifest = json.loads(blobs["manifest.json"])
-    except ValueError:
-        raise BundleRefused(f"{what}: manifest.json is not valid JSON") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise BundleRefused(f"{what} has format {manifest.get('format')} v{manifest.get('version')}; this jitkiln "
-                            f"reads {FORMAT} v{VERSION}", hint="seed it with the jitkiln version that wrote it")
-    if precheck is not None:
-        precheck(manifest)  # toolchain and arch: before the per-entry checks, the most actionable refusal
     out: dict[str, tuple[bytes, dict]] = {}
-    listed = {"manifest.json", "manifest.sig"}
-    for ent in manifest.get("instances", []):
-        key, name = str(ent.get("key")), ent.get("name", "?")
-        if entry_key(str(ent.get("ukey")), ent.get("deps") or {}) != key:
-            raise BundleRefused(f"{what}: {name}: key does not match its unit key and header deps")
+    for ent in manifest["instances"]:
+        key, name = ent["key"], ent["name"]
         art_n, meta_n = f"objects/{key}/artifact", f"objects/{key}/meta.json"
-        listed |= {art_n, meta_n}
         if art_n not in blobs or meta_n not in blobs:
             raise BundleRefused(f"{what}: {name}: files missing from the archive", hint="it may be truncated")
         art, mb = blobs[art_n], blobs[meta_n]
-        if len(art) != ent.get("size") or hashlib.sha256(art).hexdigest() != ent.get("artifact_sha256"):
+        if hashlib.sha256(art).hexdigest() != ent.get("artifact_sha256"):
             raise BundleRefused(f"{what}: {name}: the artifact does not match its signed digest (tampered or "
                                 "damaged)", hint="do not use this bundle; rebuild it with `jitkiln prebuild`")
         if hashlib.sha256(mb).hexdigest() != ent.get("meta_sha256"):
             raise BundleRefused(f"{what}: {name}: the metadata does not match its signed digest (tampered)",
                                 hint="do not use this bundle; rebuild it with `jitkiln prebuild`")
-        meta = json.loads(mb)
-        if meta.get("key") != key or meta.get("toolchain") != manifest.get("toolchain") or \
-                meta.get("arch") != manifest.get("arch"):
+        try:
+            meta = json.loads(mb)
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict) or meta.get("key") != key or \
+                meta.get("toolchain") != manifest.get("toolchain") or meta.get("arch") != manifest.get("arch"):
             raise BundleRefused(f"{what}: {name}: metadata disagrees with the manifest (key, toolchain or arch)",
                                 hint="do not use this bundle; rebuild it with `jitkiln prebuild`")
         try:
@@ -195,12 +212,59 @@ def read_bundle(path: str | os.PathLike, trust, precheck=None) -> tuple[dict, di
         except JitkilnError as e:
             raise BundleRefused(f"{what}: {name}: {e.reason}", hint=e.hint) from None
         out[key] = (art, meta)
-    extra = sorted(set(blobs) - listed)
-    if extra:
-        raise BundleRefused(f"{what} contains files its manifest does not list: {', '.join(extra[:3])}",
-                            hint="do not use this bundle; rebuild it with `jitkiln prebuild`")
     manifest["_signer"] = signer_id
     return manifest, out
+
+
+def _read_member(tf: tarfile.TarFile, m: tarfile.TarInfo, what: str) -> bytes:
+    f = tf.extractfile(m)
+    data = f.read(m.size) if f is not None else b""
+    if len(data) != m.size:
+        raise BundleRefused(f"{what} is truncated (in {m.name})", hint="copy it again")
+    return data
+
+
+def _check_manifest(head: dict[str, bytes], trust, what: str) -> tuple[dict, str]:
+    """The signature over manifest.json, then its content (format, instances): (manifest, signer key id)."""
+    try:
+        sig = json.loads(head["manifest.sig"])
+    except ValueError:
+        raise BundleRefused(f"{what}: manifest.sig is not valid JSON") from None
+    try:
+        signer_id = trust.verify_bytes(head["manifest.json"], sig, f"{what}: its manifest")
+    except SignatureError as e:
+        raise BundleRefused(e.reason, hint=e.hint) from None
+    try:
+        manifest = json.loads(head["manifest.json"])
+    except ValueError:
+        raise BundleRefused(f"{what}: manifest.json is not valid JSON") from None
+    if not isinstance(manifest, dict):
+        raise BundleRefused(f"{what}: manifest.json is not a JSON object")
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise BundleRefused(f"{what} has format {manifest.get('format')} v{manifest.get('version')}; this jitkiln "
+                            f"reads {FORMAT} v{VERSION}", hint="seed it with the jitkiln version that wrote it")
+    return manifest, signer_id
+
+
+def _member_limits(manifest: dict, what: str) -> dict[str, int]:
+    """Every member the manifest lists -> its size; checks each instance record's fields and key."""
+    insts = manifest.get("instances")
+    if not isinstance(insts, list):
+        raise BundleRefused(f"{what}: the manifest lists no instances")
+    limits: dict[str, int] = {}
+    for ent in insts:
+        ok = isinstance(ent, dict) and isinstance(ent.get("deps"), dict) and isinstance(ent.get("name"), str) \
+            and all(isinstance(ent.get(f), int) and not isinstance(ent.get(f), bool) and ent.get(f) >= 0
+                    for f in ("size", "meta_size"))
+        if not ok:
+            raise BundleRefused(f"{what}: a malformed instance record in the manifest",
+                                hint="rebuild it with `jitkiln prebuild`")
+        key, name = str(ent.get("key")), ent["name"]
+        if entry_key(str(ent.get("ukey")), ent["deps"]) != key:
+            raise BundleRefused(f"{what}: {name}: key does not match its unit key and header deps")
+        limits[f"objects/{key}/artifact"] = ent["size"]
+        limits[f"objects/{key}/meta.json"] = ent["meta_size"]
+    return limits
 
 
 def _local_arch() -> str | None:
@@ -245,21 +309,30 @@ def seed(path: str | os.PathLike, store: Store, trust, arch: str | None = None) 
     manifest, entries = read_bundle(path, trust, precheck)
     spec, tc = found["spec"], found["tc"]
     labels = HeaderLabels(spec, tc)
-    store.ensure()
+    local = getattr(store, "local", store)  # seeding fills the local cache only
+    local.ensure()
     new, present, stale = [], [], []
     for ent in manifest["instances"]:
         if any(labels.digest(lbl) != d for lbl, d in ent["deps"].items()):
             stale.append(ent["name"])
-    for ent in manifest["instances"]:
-        key = ent["key"]
-        art, meta = entries[key]
-        with store.lock(ent["ukey"], f"seed {ent['name']}"):
-            if store.obj_dir(key).is_dir():
-                present.append(ent["name"])
-            else:
-                store.put_verified(key, art, meta)
-                new.append(ent["name"])
-            store.add_manifest(ent["ukey"], ent["deps"], key)
+    added: list[Any] = []  # (entry dir) published by this seed: removed again if the seed cannot complete
+    try:
+        for ent in manifest["instances"]:
+            key = ent["key"]
+            art, meta = entries[key]
+            with local.lock(ent["ukey"], f"seed {ent['name']}"):
+                # what is there is verified, not trusted by its name: a damaged entry is moved aside and replaced
+                if local.obj_dir(key).exists() and local.get(key) is not None:
+                    present.append(ent["name"])
+                else:
+                    e = local.put_verified(key, art, meta)
+                    added.append(e.path)
+                    new.append(ent["name"])
+                local.add_manifest(ent["ukey"], ent["deps"], key)
+    except BaseException:
+        for d in added:  # leave the cache as it was (its manifests only name entries; a missing one is a miss)
+            remove_dir(d, local.root / "tmp")
+        raise
     return {"bundle": str(path), "family": manifest["family"], "variant": manifest["variant"],
             "arch": manifest["arch"], "toolchain": manifest["toolchain"], "signer": manifest["_signer"],
             "seeded": new, "already_present": present, "header_mismatch": stale, "cache": str(store.base)}

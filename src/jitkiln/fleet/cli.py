@@ -6,13 +6,24 @@ import sys
 from pathlib import Path
 
 from ..build import Builder
-from ..cliargs import add_plan_args, executor_from_args, plan_from_args, store_from_args
+from ..cliargs import add_plan_args, positive_int, executor_from_args, plan_from_args, store_from_args
 from ..errors import UsageError
 from .bundle import seed, signer_for, trust_for, write_bundle
 from .signing import generate_keypair
 
 
+def _check_output(path: str) -> None:
+    """The bundle path must be writable before any build: a file in an existing folder."""
+    out = Path(path)
+    if not path or out.is_dir():
+        raise UsageError(f"-o {path!r} is a folder, not a bundle file", hint="give a file path such as kimi.bundle")
+    if not out.parent.is_dir():
+        raise UsageError(f"-o {path}: the folder {out.parent} does not exist or is not a folder",
+                         hint="create the folder first, or write the bundle elsewhere")
+
+
 def cmd_prebuild(args) -> int:
+    _check_output(args.output)
     signer = signer_for(args.key)
     plan = plan_from_args(args, require_compiler=True)
     store = store_from_args(args)
@@ -59,7 +70,7 @@ def add_cli(sub) -> None:
     add_plan_args(p)
     p.add_argument("-o", "--output", required=True, help="the bundle to write (e.g. kimi.bundle)")
     p.add_argument("--key", help="signing key (default $JITKILN_SIGNING_KEY)")
-    p.add_argument("--jobs", "-j", type=int, help="parallel compiles")
+    p.add_argument("--jobs", "-j", type=positive_int, help="parallel compiles")
     p.add_argument("--cache-dir", help="cache root (default $JITKILN_CACHE_DIR or ~/.cache/jitkiln)")
     p.add_argument("--executor", choices=("local", "ray"), default="local", help="where units compile")
     p.add_argument("--ray-address", help="Ray cluster address (default $RAY_ADDRESS)")

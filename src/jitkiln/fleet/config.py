@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..errors import JitkilnError, UsageError
@@ -62,6 +63,13 @@ def remotes_from_env(env: dict | None = None) -> list[Remote]:
     env = os.environ if env is None else env
     remotes: list[Remote] = []
     if env.get("JITKILN_SHARED_DIR"):
+        shared = Path(env["JITKILN_SHARED_DIR"])
+        for p in (shared, *shared.parents):
+            if p.exists():
+                if not p.is_dir():
+                    raise UsageError(f"JITKILN_SHARED_DIR={shared} is unusable: {p} is a file, not a folder",
+                                     hint="point JITKILN_SHARED_DIR at the folder every machine mounts")
+                break
         remotes.append(SharedDirRemote(env["JITKILN_SHARED_DIR"],
                                        max_bytes=_size(env.get("JITKILN_SHARED_MAX_SIZE"), "JITKILN_SHARED_MAX_SIZE")))
     if env.get("JITKILN_REDIS_URL"):

@@ -72,13 +72,17 @@ def generate_keypair(path: str | os.PathLike, comment: str = "", force: bool = F
     pem = priv.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
     raw = priv.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    priv_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    os.chmod(priv_path, 0o600)
     comment = comment or f"{os.environ.get('USER', 'jitkiln')}@{os.uname().nodename}"
-    pub_path.write_text(f"{PUB_TAG} {base64.b64encode(raw).decode()} {comment}\n")
+    try:
+        priv_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        os.chmod(priv_path, 0o600)
+        pub_path.write_text(f"{PUB_TAG} {base64.b64encode(raw).decode()} {comment}\n")
+    except OSError as e:
+        raise UsageError(f"cannot write the key pair at {priv_path}: {e.strerror or e}",
+                         hint="give a path in a writable folder (-o DIR/NAME.key)") from None
     return priv_path, pub_path, key_id(raw)
 
 
@@ -170,11 +174,19 @@ class TrustStore:
                                  hint="copy the builders' .pub files there (see docs/fleet.md)")
             for f in files:
                 try:
-                    text = f.read_text()
+                    raw = f.read_bytes()
                 except OSError as e:
                     raise UsageError(f"cannot read trusted key {f}: {e.strerror or e}",
                                      hint="fix JITKILN_TRUST_KEYS (files or directories of .pub, ':'-separated)"
                                      ) from None
+                if len(raw) > 64 << 10:
+                    raise UsageError(f"{f} is not a jitkiln public key (it is {len(raw)} bytes)",
+                                     hint="give the .pub file written by `jitkiln keygen`")
+                try:
+                    text = raw.decode("ascii")
+                except UnicodeDecodeError:
+                    raise UsageError(f"{f} is not a jitkiln public key (not text)",
+                                     hint="give the .pub file written by `jitkiln keygen`") from None
                 ts.add(parse_public_key(text, str(f)), str(f))
         return ts
 

@@ -194,12 +194,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
 
+def _check_out_dir(path: str) -> None:
+    """The blob folder must be creatable: refused before any work when it (or a folder above it) is a file."""
+    out = Path(path)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UsageError(f"-w {path}: {p} is a file, not a folder",
+                                 hint="give a folder for the blob (it is created if missing)")
+            break
+
+
 def run_args(args: argparse.Namespace) -> int:
+    _check_out_dir(args.out)
     fam = CK2Stages(aiter_root=args.aiter_root, arch=args.arch)
     shapes = [parse_shape(s) for s in args.shape]
     problems = fam.problems(args.variant, shapes=shapes, model=args.model, tp=args.tp, ep=args.ep,
                             tokens=parse_tokens(args.tokens) if args.tokens else None)
-    man = write_blob(args.variant, problems, args.out, args.arch, args.aiter_root, full=args.full)
+    try:
+        man = write_blob(args.variant, problems, args.out, args.arch, args.aiter_root, full=args.full)
+    except OSError as e:
+        raise UsageError(f"cannot write the blob into {args.out}: {e.strerror or e}",
+                         hint="give a writable folder (-w DIR)") from None
     if args.json:
         print(json.dumps(man, indent=2, default=str))
     else:

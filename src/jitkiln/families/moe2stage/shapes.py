@@ -43,15 +43,26 @@ def load_config(path_or_name: str | os.PathLike | Mapping[str, Any]) -> tuple[di
         p = os.path.join(p, "config.json")
     if os.path.isfile(p):
         try:
-            with open(p) as f:
-                return json.load(f), p
-        except (OSError, json.JSONDecodeError) as e:
+            with open(p, "rb") as f:
+                cfg = json.loads(f.read().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise UsageError(f"cannot read model config {p}: not UTF-8 text",
+                             hint="give a Hugging Face config.json") from None
+        except (OSError, ValueError) as e:
             raise UsageError(f"cannot read model config {p}: {e}") from None
+        return _config_object(cfg, p), p
     res = _models_dir() / f"{s}.json"
     if res.is_file():
-        return json.loads(res.read_text()), f"example {s}"
+        return _config_object(json.loads(res.read_text()), f"example {s}"), f"example {s}"
     raise UsageError(f"no model config {s!r}: not a file, a folder holding config.json, or a shipped example",
                      hint="shipped examples: " + (", ".join(example_models()) or "(none)"))
+
+
+def _config_object(cfg: Any, src: str) -> dict[str, Any]:
+    if not isinstance(cfg, dict):
+        raise UsageError(f"model config {src} is JSON of the wrong type ({type(cfg).__name__}); a config.json "
+                         "holds an object", hint="give a Hugging Face config.json")
+    return cfg
 
 
 def _pick(cfg: Mapping[str, Any], names: Sequence[str]) -> tuple[str, Any] | None:
