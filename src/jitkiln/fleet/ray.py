@@ -111,13 +111,7 @@ class RayCompile(Executor):
                                      hint="give --ray-address HOST:6379 (or ray://HOST:10001), or set RAY_ADDRESS; "
                                           "`--ray-address local` starts a one-machine cluster here")
                 _probe(self.address, self.connect_timeout)
-                try:
-                    ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False,
-                             **self.init_kwargs)
-                except (ConnectionError, RuntimeError, ValueError) as e:
-                    raise JitkilnError(f"cannot connect to the Ray cluster at {self.address}: {e}",
-                                       hint="check that `ray start --head` runs there and that the address is "
-                                            "reachable, or build without --executor ray") from None
+                _bounded_init(ray, self.address, self.connect_timeout, self.init_kwargs)
             self._task = ray.remote(num_cpus=self.num_cpus, max_retries=self.max_retries,
                                     retry_exceptions=False)(reproducible_compile)
             return self._task
@@ -154,3 +148,40 @@ def _probe(address: str, timeout: float) -> None:
                            hint="check the address and that `ray start --head` runs there "
                                 "(JITKILN_RAY_CONNECT_TIMEOUT sets the wait), or build without --executor ray"
                            ) from None
+
+
+def _bounded_init(ray, address: str, timeout: float, kwargs: dict) -> None:
+    """``ray.init`` that answers within ``timeout`` seconds: something that accepts connections at the address
+    but is no Ray cluster (a proxy, another service) would otherwise keep it retrying for minutes."""
+    done: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, **kwargs)
+            done["ok"] = True
+        except BaseException as e:  # noqa: BLE001 - reported below, in the caller's thread
+            done["error"] = e
+
+    # Ray's own connection retries log to stderr (fd 2, from C++): held aside while connecting, so the reason
+    # this build gives is the first thing said
+    import tempfile
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            t = threading.Thread(target=run, daemon=True, name="jitkiln-ray-init")
+            t.start()
+            t.join(timeout)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+    hint = ("check that `ray start --head` runs there and that the address is reachable "
+            "(JITKILN_RAY_CONNECT_TIMEOUT sets the wait), or build without --executor ray")
+    if t.is_alive():
+        raise JitkilnError(f"the Ray cluster at {address} did not answer within {timeout:.0f} s", hint=hint)
+    e = done.get("error")
+    if e is not None:
+        raise JitkilnError(f"cannot connect to the Ray cluster at {address}: {type(e).__name__}: {e}",
+                           hint=hint) from None
