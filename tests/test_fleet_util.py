@@ -41,10 +41,11 @@ class RedisServer:
     def __init__(self, tmp: Path):
         pytest.importorskip("cryptography", reason="pip install 'jitkiln[fleet]'")
         redis = pytest.importorskip("redis", reason="the redis package is not installed (pip install 'jitkiln[fleet]')")
-        exe = shutil.which("redis-server")
+        from conftest import redis_server_exe
+        exe = redis_server_exe()
         if exe is None:
-            print("SKIP: redis-server is not installed (apt-get install -y redis-server)", file=sys.stderr)
-            pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
+            print("SKIP: redis-server is not installed (pip install -e '.[test]' brings one)", file=sys.stderr)
+            pytest.skip("redis-server is not installed (pip install -e '.[test]' brings one)")
         self.port = free_port()
         self.dir = tmp
         tmp.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import JitkilnError, UsageError
-from ..store import publish_entry_dir, remove_dir, write_durable
+from ..store import publish_entry_dir, remove_dir, sweep_stale_temporaries, write_durable
 
 NS_VERSION = "v1"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -135,6 +135,7 @@ class SharedDirRemote(Remote):
         self.breaker = _Breaker(self.name, retry_s)
         self._last_gc = 0.0
         self._skipped_big = False
+        self._swept = False
 
     def _candidates(self, key: str) -> list[Path]:
         ns_root = self.root / "ns"
@@ -165,9 +166,21 @@ class SharedDirRemote(Remote):
             return b"", {"key": "(entry without its artifact)"}
         return data, meta
 
+    def _sweep_once(self) -> None:
+        """At first use: remove temporaries that killed writers left (older than an hour, or written by a
+        process of this host that is gone). Best effort: a read-only mount is simply not swept."""
+        if self._swept:
+            return
+        self._swept = True
+        tmp = self.root / "tmp"
+        with contextlib.suppress(OSError):
+            if tmp.is_dir() and os.access(tmp, os.W_OK):
+                sweep_stale_temporaries(tmp)
+
     def get(self, key: str) -> tuple[bytes, Any] | None:
         _check_key(key)
         self.breaker.check()
+        self._sweep_once()
         try:
             for d in self._candidates(key):
                 got = self._read(d)
@@ -219,6 +232,7 @@ class SharedDirRemote(Remote):
     def get_manifest(self, ukey: str) -> list[dict]:
         _check_key(ukey)
         self.breaker.check()
+        self._sweep_once()
         d = self.root / "manifests" / ukey[:2] / ukey
         try:
             names = sorted(os.listdir(d), key=lambda n: (d / n).stat().st_mtime if (d / n).exists() else 0)
@@ -275,12 +289,7 @@ class SharedDirRemote(Remote):
                 continue
             total -= sz
             removed.append(d.name)
-        now = time.time()
-        with contextlib.suppress(OSError):
-            for t in (self.root / "tmp").iterdir():
-                with contextlib.suppress(OSError):
-                    if now - t.stat().st_mtime > 3600:
-                        shutil.rmtree(t) if t.is_dir() else t.unlink()
+        sweep_stale_temporaries(self.root / "tmp")
         return removed
 
     def _maybe_gc(self) -> None:

@@ -10,7 +10,7 @@ from ...family import CAbi, CompileSpec, Family, Instance, Option, Problem, Shap
 from . import fmoe
 from .aiter_tree import AiterTree, find_tree
 from .module import AiterModule, CK2Instance, get_module
-from .render import compile_spec, render_unit
+from .render import check_buildable, compile_spec, render_unit
 from .variants import ARCHS, VARIANTS
 
 # int launch(stream, tokens, sorted_size, N, K, topk, a, w1, w2, sorted_token_ids, sorted_expert_ids,
@@ -124,6 +124,9 @@ class CK2Stages(Family):
         if arch is not None:
             self.arch = check_arch(arch)  # the planner names the arch here; candidates follow it
         return compile_spec(self.module(variant), self.arch)
+
+    def check_buildable(self, spec: CompileSpec) -> None:
+        check_buildable(spec)
 
     # --- problems ---------------------------------------------------------------------------------------------
     def problems(self, variant: str, *, shapes: Sequence[Problem] = (), model: str | None = None,

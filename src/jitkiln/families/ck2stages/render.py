@@ -10,13 +10,49 @@ from __future__ import annotations
 import os
 import re
 
+from pathlib import Path
+
+from ...compilers.hipcc import python_include
 from ...errors import ToolchainNotFound
 from ...family import CompileSpec
-from .module import CK2Instance, AiterModule
+from .module import AiterModule, CK2Instance
 
-BASE_FLAGS = ("-O3", "-std=c++20", "-fPIC", "-fvisibility=hidden", "-D__HIP_PLATFORM_AMD__=1",
-              "-D__HIP_PLATFORM_HCC__=1", "-DUSE_ROCM=1", "-DCK_ENABLE_FP8=1", "-DCK_ENABLE_BF16=1",
-              "-mllvm", "--amdgpu-kernarg-preload-count=16", "-fno-gpu-rdc")
+# AITER's module flags for module_moe_ck2stages (aiter/jit/core.py build_module + optCompilerConfig.json +
+# aiter/jit/utils/cpp_extension.py COMMON_HIP(CC)_FLAGS), for a HIP >= 7 compiler. Dropped:
+# ``-mllvm -amdgpu-coerce-illegal-types=1`` (AMD's LLVM fork only; upstream clang rejects it), the
+# ``-D__HIP_NO_HALF_*__=1`` pair (AITER -U's them afterwards), ``-DMOE_STAGE2_ASM_DIR`` (pybind unit only),
+# ``-DTORCH_EXTENSION_NAME`` / ``-DPYBIND11_*`` (python module glue; instance units define no module).
+AITER_HIP_FLAGS = (
+    "-O3", "-std=c++20", "-fPIC",
+    "-DLEGACY_HIPBLAS_DIRECT", "-DUSE_PROF_API=1", "-D__HIP_PLATFORM_HCC__=1", "-D__HIP_PLATFORM_AMD__=1",
+    "-DUSE_ROCM=1", "-DHIPBLAS_V2", "-DCUDA_HAS_FP16=1",
+    "-U__HIP_NO_HALF_CONVERSIONS__", "-U__HIP_NO_HALF_OPERATORS__",
+    "-mllvm", "--amdgpu-kernarg-preload-count=16",
+    "-Wno-unused-result", "-Wno-switch-bool", "-Wno-vla-cxx-extension", "-Wno-undefined-func-template",
+    "-Wno-macro-redefined", "-Wno-missing-template-arg-list-after-template-kw",
+    "-fgpu-flush-denormals-to-zero",
+    "-mllvm", "--lsr-drop-solution=1", "-fno-offload-uniform-block", "-mllvm", "-enable-post-misched=0",
+    "-mllvm", "-amdgpu-early-inline-all=true", "-mllvm", "-amdgpu-function-calls=false",
+    # module_moe_ck2stages' flags_extra_hip
+    "-mllvm", "-greedy-reverse-local-assignment=1", "-mllvm", "--amdgpu-use-amdgpu-trackers=1",
+    "-mllvm", "--slp-threshold=-32", "-mllvm", "--misched-prera-direction=bottomup",
+    # cpp_extension's COMMON_HIPCC_FLAGS (visibility: the jitkiln launcher is exported explicitly)
+    "-mcmodel=large", "-fno-unique-section-names", "-ffunction-sections", "-fdata-sections",
+    "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-fno-gpu-rdc",
+    "-DTORCH_API_INCLUDE_EXTENSION_H", "-D_GLIBCXX_USE_CXX11_ABI=1",
+)
+AITER_DROPPED_FLAGS = ("-mllvm -amdgpu-coerce-illegal-types=1",)
+
+
+def aiter_flags(arch: str, torch_has_fp4: bool = True) -> tuple[str, ...]:
+    """AITER's module_moe_ck2stages flags for ``arch`` (gfx950 adds the fp4x2 defines, as AITER does)."""
+    extra: list[str] = []
+    if arch.startswith("gfx950"):
+        extra.append("-D__Float4_e2m1fn_x2")
+    if torch_has_fp4:
+        extra.append("-DTORCH_Float4_e2m1fn_x2")
+    return AITER_HIP_FLAGS + tuple(extra)
+
 
 _LAUNCHER = """
 // ---- jitkiln C ABI launcher (not part of AITER's generated file) ----
@@ -61,27 +97,42 @@ def render_unit(mod: AiterModule, inst: CK2Instance) -> str:
                                           name=inst.kernel, call=template_call_text(mod, inst))
 
 
+def aiter_include_dirs(aiter_meta: str | os.PathLike, codegen: str | None = None) -> tuple[str, ...]:
+    """AITER's include order: ck_helper (its generated ck/config.h), CK include + library/include, csrc/include,
+    the codegen folder, csrc/include/torch; then PyTorch's and Python's headers (torch/extension.h needs them)."""
+    m = Path(aiter_meta)
+    ck = m / "3rdparty" / "composable_kernel"
+    dirs = [m / "3rdparty" / "ck_helper", ck / "include", ck / "library" / "include", m / "csrc" / "include",
+            Path(codegen) if codegen else m / "csrc" / "ck_gemm_moe_2stages_codegen", m / "csrc" / "include" / "torch"]
+    return tuple(str(d) for d in dirs) + torch_include_dirs() + (python_include(),)
+
+
 def torch_include_dirs() -> tuple[str, ...]:
     try:
-        import torch  # noqa: F401
         from torch.utils.cpp_extension import include_paths
-    except Exception:  # noqa: BLE001 - torch missing or broken: reported at compile time
+    except Exception:  # noqa: BLE001 - torch missing or broken: check_buildable says so
         return ()
     return tuple(include_paths())
 
 
-def require_torch_headers() -> None:
-    if not torch_include_dirs():
+def check_buildable(spec: CompileSpec) -> None:
+    if not any(os.path.isfile(os.path.join(d, "torch", "extension.h")) for d in spec.include_dirs):
         raise ToolchainNotFound(
             "ck2stages units need PyTorch's C++ headers (AITER's gemm_moe_ck2stages.h includes torch/extension.h)",
-            hint="install a ROCm build of PyTorch (pip install torch --index-url "
-                 "https://download.pytorch.org/whl/rocm6.4) in this environment")
+            hint="pip install torch (any build: only its headers are read; e.g. the CPU wheel)")
 
 
 def compile_spec(mod: AiterModule, arch: str) -> CompileSpec:
-    flags = list(BASE_FLAGS)
+    """AITER's own module flags and include folders for this tree and arch (what AITER's JIT compiles with),
+    plus ``JITKILN_HIP_FLAGS``."""
+    try:
+        import torch
+        fp4 = hasattr(torch, "float4_e2m1fn_x2")
+    except Exception:  # noqa: BLE001 - no torch: the compile says which header is missing
+        fp4 = False
+    flags = list(aiter_flags(arch, fp4))
     extra = os.environ.get("JITKILN_HIP_FLAGS")
     if extra:
         flags += extra.split()
     return CompileSpec(toolchain="hip", arch=arch, flags=tuple(flags),
-                       include_dirs=mod.tree.include_dirs + torch_include_dirs())
+                       include_dirs=aiter_include_dirs(mod.tree.root, str(mod.tree.codegen)))
