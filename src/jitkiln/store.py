@@ -85,7 +85,7 @@ class Store:
         """Raise a one-line StoreError if the cache root (or a folder above it) is a file; creates nothing."""
         for p in (self.root, self.base, *self.base.parents):
             if p.exists() and not p.is_dir():
-                raise StoreError(f"cache directory {self.base} is unusable: {p} is a file, not a folder",
+                raise StoreError(f"cache directory {self.base} is not writable: {p} is a file, not a folder",
                                  hint="set JITKILN_CACHE_DIR (or --cache-dir) to a folder")
             if p.exists():
                 break
