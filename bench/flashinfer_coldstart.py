@@ -1,0 +1,167 @@
+"""Time until FlashInfer's ``cutlass_fused_moe`` is ready for a bf16 model (fused_moe_90 on sm_90a).
+
+Modes (one per call; each prints one JSON line and appends it to --result):
+
+* ``flashinfer``: FlashInfer's own cold JIT of the whole module (empty FlashInfer cache), under --budget seconds.
+  ninja's ``.ninja_log`` gives every finished edge's time; when the budget ends first, the total is derived as
+  (CPU-seconds of the finished edges / finished count) x 249 edges / cores, and the finished waves are reported.
+* ``jitkiln-cold``: empty jitkiln cache; ``jitkiln flashinfer build --dtype bf16``, then a fresh process loads it
+  through FlashInfer (``get_cutlass_fused_moe_module``) and runs one call.
+* ``jitkiln-warm``: the module is already in place: a fresh process, import to first call.
+* ``jitkiln-seeded``: empty local cache, objects from JITKILN_SHARED_DIR (seeded by an earlier build): build + load.
+* ``cpu-ratio``: no GPU needed: compiler CPU-seconds of the bf16 files (from the cache's records) against
+  FlashInfer's whole module (per-kind means x counts), for the 2-core machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LOAD = r"""
+import time, torch
+t0 = time.time()
+from flashinfer.fused_moe import cutlass_fused_moe
+E, K, N, T = 8, 1024, 512, 16
+x = torch.randn(T, K, dtype=torch.bfloat16, device="cuda")
+w1 = torch.randn(E, 2 * N, K, dtype=torch.bfloat16, device="cuda") / K ** 0.5
+w2 = torch.randn(E, K, N, dtype=torch.bfloat16, device="cuda") / N ** 0.5
+ids = torch.randint(0, E, (T, 2), device="cuda", dtype=torch.int32)
+sc = torch.softmax(torch.randn(T, 2, device="cuda"), -1)
+out = cutlass_fused_moe(x, ids, sc, w1, w2, torch.bfloat16)
+torch.cuda.synchronize()
+print("READY_S", time.time() - t0)
+"""
+
+
+def sh(cmd, env=None, timeout=None):
+    t = time.monotonic()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return p, time.monotonic() - t
+
+
+def load_time(env) -> float:
+    p, wall = sh([sys.executable, "-c", LOAD], env=env, timeout=3600)
+    if p.returncode != 0:
+        raise SystemExit(f"load failed: {p.stderr[-2000:]}")
+    return wall
+
+
+def fi_cache(env) -> Path:
+    return Path(env.get("FLASHINFER_WORKSPACE_BASE", os.path.expanduser("~"))) / ".cache" / "flashinfer"
+
+
+def aot_so() -> Path:
+    from jitkiln.flashinfer import source
+    return source.aot_path("fused_moe_90")
+
+
+def mode_flashinfer(args, env) -> dict:
+    shutil.rmtree(fi_cache(env), ignore_errors=True)
+    so = aot_so()
+    if so.exists():
+        so.unlink()
+    cores = os.cpu_count()
+    p = subprocess.Popen([sys.executable, "-c", LOAD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    t0 = time.monotonic()
+    try:
+        p.wait(timeout=args.budget)
+        full = True
+    except subprocess.TimeoutExpired:
+        p.kill()
+        full = False
+    wall = time.monotonic() - t0
+    logs = list(fi_cache(env).rglob("fused_moe_90/.ninja_log"))
+    edges = []
+    if logs:
+        for line in logs[0].read_text().splitlines()[1:]:
+            s, e, _, out, _ = line.split("\t")
+            edges.append((int(s) / 1000, int(e) / 1000, out))
+    durs = [e - s for s, e, _ in edges]
+    r = {"mode": "flashinfer", "full": full, "wall_s": round(wall, 1), "finished_edges": len(edges),
+         "mean_edge_s": round(sum(durs) / len(durs), 1) if durs else None, "cores": cores}
+    if not full and durs:
+        r["derived_total_s"] = round(sum(durs) / len(durs) * 249 / cores, 0)
+        r["derived_how"] = "mean finished-edge wall x 249 edges / cores (ninja runs cores jobs at once)"
+    return r
+
+
+def mode_jitkiln(args, env, kind: str) -> dict:
+    if kind in ("cold", "seeded"):
+        shutil.rmtree(env["JITKILN_CACHE_DIR"], ignore_errors=True)
+    if kind != "warm":
+        so = aot_so()
+        if so.exists():
+            so.unlink()
+        t0 = time.monotonic()
+        p, _ = sh([sys.executable, "-m", "jitkiln.cli", "flashinfer", "build", "--dtype", "bf16", "--json"], env=env)
+        if p.returncode != 0:
+            raise SystemExit(p.stderr[-3000:])
+        build_s = time.monotonic() - t0
+        info = json.loads(p.stdout.strip().splitlines()[-1])
+    else:
+        build_s, info = 0.0, {}
+    load_s = load_time(env)
+    return {"mode": f"jitkiln-{kind}", "build_s": round(build_s, 1), "load_to_first_call_s": round(load_s, 2),
+            "total_s": round(build_s + load_s, 1),
+            **{k: info.get(k) for k in ("compiled", "cache_hits", "compiler_cpu_s", "stubbed")}}
+
+
+def mode_cpu_ratio(args, env) -> dict:
+    from jitkiln.flashinfer import planner, source
+    from jitkiln.store import Store
+    src = source.load_module_source()
+    plan = planner.plan_module(src, planner.parse_dtype("bf16"))
+    metas = {}
+    st = Store(env.get("JITKILN_CACHE_DIR"))
+    for _, d in st.entries():
+        try:
+            m = json.loads((d / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if m.get("family") == "flashinfer":
+            metas[m["name"]] = m["cpu_s"]
+    by_kind: dict[str, list[float]] = {}
+    for f in plan.files:
+        if f.name in metas:
+            by_kind.setdefault(f.kind, []).append(metas[f.name])
+    mean = {k: sum(v) / len(v) for k, v in by_kind.items()}
+
+    def est(fs):
+        return sum(metas.get(f.name, mean.get(f.kind, 0.0)) for f in fs)
+    need, full = est(plan.needed), est(plan.files)
+    return {"mode": "cpu-ratio", "measured_files": len(metas), "mean_cpu_s_by_kind": mean,
+            "bf16_cpu_s": round(need, 0), "full_cpu_s": round(full, 0), "ratio": round(need / full, 3) if full else None,
+            "how": "measured CPU-s per file where compiled here, else the mean of its kind (generated/runner/support)"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["flashinfer", "jitkiln-cold", "jitkiln-warm", "jitkiln-seeded", "cpu-ratio"])
+    ap.add_argument("--budget", type=float, default=540)
+    ap.add_argument("--result", default="bench/results/flashinfer-coldstart.jsonl")
+    args = ap.parse_args()
+    env = dict(os.environ)
+    env.setdefault("JITKILN_CACHE_DIR", "/tmp/jk-bench-cache")
+    if args.mode == "flashinfer":
+        r = mode_flashinfer(args, env)
+    elif args.mode == "cpu-ratio":
+        r = mode_cpu_ratio(args, env)
+    else:
+        r = mode_jitkiln(args, env, args.mode.split("-")[1])
+    r["host_cores"] = os.cpu_count()
+    line = json.dumps(r)
+    print(line)
+    Path(args.result).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.result, "a") as f:
+        f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
