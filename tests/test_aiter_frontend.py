@@ -452,9 +452,9 @@ def test_tuned_rows_with_flydsl_and_cktile_kernels_plan_without_error(tmp_path, 
 # --- prebuild -> signed bundle -> seed on another machine ------------------------------------------------
 
 def test_prebuild_bundle_and_seed(tmp_path, aiter_env):
-    from jitkiln.aiter._compat import signing
+    from jitkiln.fleet.signing import generate_keypair
     key = tmp_path / "builder.key"
-    signing().generate_keypair(key)
+    generate_keypair(key)
     bundle = tmp_path / "kimi.jkab"
     r = run_driver(tmp_path, aiter_env, f"""
         from jitkiln.aiter.prebuild import prebuild

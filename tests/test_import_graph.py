@@ -80,6 +80,7 @@ def test_files_stay_small_or_say_why():
     big = []
     for p in SRC.rglob("*.py"):
         n = len(p.read_text().splitlines())
-        if n > 400 and "longer than 400 lines" not in p.read_text()[:3000]:
+        doc = ast.get_docstring(ast.parse(p.read_text())) or ""
+        if n > 400 and "longer than 400 lines" not in doc.lower():
             big.append(f"{p.relative_to(SRC)} ({n} lines)")
     assert not big, "files over ~400 lines without a reason in their docstring: " + ", ".join(big)
