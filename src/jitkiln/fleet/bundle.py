@@ -6,7 +6,7 @@ A bundle is an uncompressed tar (artifacts are already dense)::
                                    name, unit key, key, header deps, artifact and meta digests and sizes
     manifest.sig                   {"key_id", "sig"}: ed25519 over the exact bytes of manifest.json
     objects/<key>/artifact         the loadable artifact
-    objects/<key>/meta.json        its metadata, itself signed (as entries in the shared tiers are)
+    objects/<key>/meta.json        its metadata, itself signed (as entries in the remote caches are)
 
 ``seed`` checks everything before it writes anything: only regular files with the names above (no links,
 no absolute or ``..`` paths, no duplicates, nothing else), the manifest signature by a trusted key, the

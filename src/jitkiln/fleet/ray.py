@@ -4,7 +4,7 @@ The builder still decides the order (urgent first, then longest first) and runs 
 thread submits its unit as a Ray task and waits for it. The task compiles on a worker, and returns the
 artifact's bytes, the headers it read (as portable labels with their digests), timings and the log. The
 driver checks that the worker's headers are the driver's (else the entry would be keyed by headers this
-machine does not have), then publishes the entry to the store: locally and, signed, to the shared tiers.
+machine does not have), then publishes the entry to the store: locally and, signed, to the remote caches.
 
 Workers need jitkiln and the same compiler (the toolchain fingerprint is checked per task). A task whose
 worker dies is retried by Ray (``max_retries``); if it still fails, the unit compiles here.

@@ -8,18 +8,7 @@ error of the file system) costs one short timeout, one warning, and then it is s
 (a circuit breaker); the build goes on locally. A bad *entry* (garbage, half written, a Redis key of the wrong
 type) is a miss for that key only, never a reason to skip the remote, and :meth:`Remote.put` replaces it.
 
-Environment (read by :func:`store_from_env`):
-
-=========================== =========================================================================
-``JITKILN_CACHE_DIR``       local cache root (default ``~/.cache/jitkiln``)
-``JITKILN_SHARED_DIR``      a directory every machine mounts (NFS, ...): the shared-directory tier
-``JITKILN_SHARED_MAX_SIZE`` its size limit (e.g. ``200G``; least recently used entries go first)
-``JITKILN_REDIS_URL``       ``redis://host:6379/0`` (``rediss://`` for TLS): the Redis tier
-``JITKILN_REDIS_TTL``       seconds an entry lives in Redis after its last use (default 30 days)
-``JITKILN_REDIS_MAX_ENTRY`` largest artifact written to Redis (default ``256M``)
-``JITKILN_SIGNING_KEY``     private key (``jitkiln keygen``) that signs what this machine writes
-``JITKILN_TRUST_KEYS``      ``:``-separated ``.pub`` files or directories: whose entries are accepted
-=========================== =========================================================================
+Configuration from the environment: :mod:`jitkiln.fleet.config`.
 
 Longer than 400 lines: two remotes (shared directory, Redis) with one failure model.
 """
@@ -94,7 +83,7 @@ def _note(msg: str) -> None:
 
 
 class _Breaker:
-    """After a failure, refuse calls for ``retry_s`` seconds so a dead tier costs one timeout, not one per unit."""
+    """After a failure, refuse calls for ``retry_s`` seconds so a dead remote costs one timeout, not one per unit."""
 
     def __init__(self, name: str, retry_s: float):
         self.name, self.retry_s = name, retry_s

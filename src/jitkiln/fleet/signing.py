@@ -11,7 +11,7 @@ these bytes for exactly this unit. It is stored in the entry's metadata as ``met
 
 Keys: ``jitkiln keygen -o PATH`` writes the private key ``PATH`` (PEM, mode 0600) and the public key
 ``PATH.pub`` (one line: ``jitkiln-ed25519 <base64 raw key> <comment>``). Builders that write to a shared
-tier or a bundle need the private key (``JITKILN_SIGNING_KEY``); every machine that reads lists the
+cache or a bundle need the private key (``JITKILN_SIGNING_KEY``); every machine that reads lists the
 public keys it trusts (``JITKILN_TRUST_KEYS``: files or directories of ``*.pub``, separated by ``:``).
 A machine always trusts its own signing key.
 """
