@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from jitkiln.errors import UsageError
 from jitkiln.fleet.config import store_from_env
 from jitkiln.fleet.remotes import SharedDirRemote as SharedDirTier
 from jitkiln.fleet.signing import Signer
@@ -76,8 +77,12 @@ def test_broken_shared_directory_build_goes_on_locally(fleet_env, tmp_path, capf
     nv = fleet_env["nvcc"]
     bad = tmp_path / "not-a-dir"
     bad.write_text("a file where the mount should be")
+    with pytest.raises(UsageError, match="is a file"):  # named as a file: refused where it enters (issue 16)
+        shared_store(tmp_path / "a", fleet_env, bad)
+    bad.unlink()
     plan = demo_plan(shapes=[{"m": 8, "n": 512, "k": 256}])
     store = shared_store(tmp_path / "a", fleet_env, bad)
+    bad.write_text("the mount went away after the start: a transport failure, not a bad input")
     rec = build(store, plan)
     assert len(rec.compiled) == 1 and nv.calls == 1 and store.verify_all() == (1, [])
     err = capfd.readouterr().err

@@ -197,7 +197,7 @@ class Family(ABC):
                                  f"known keys: {', '.join(known) or '(none)'}")
             sk = known[k]
             if sk.type is int and not _integral(v):
-                raise UsageError(f"shape key {k}={v!r} is not an integer")
+                raise UsageError(f"shape key {k}={v!r} is not a valid int (an integer)")
             try:
                 out[k] = sk.type(v)
             except (TypeError, ValueError, OverflowError):
