@@ -11,6 +11,11 @@
 * ``--floor``: also ``nvcc -cubin`` (device only: what any host/device split is bounded by).
 * ``--pack [NAME ...]`` / ``--pack-only``: the instance and others (default one stage-2 config) in one packed unit
   against each separately; SASS of every member compared (``--subset``, the packer's namespace renamed).
+* ``--dsl`` / ``--dsl-only``: the CuTe DSL back end (variant ``bf16-dsl``, compiler ``cutedsl``) of the same
+  tile: a cold process (``python -c`` importing jitkiln, compiling the unit, exiting), then in this process a
+  fresh worker (started by the compile) and a warm worker (the next unit, same tile); against the C++ stock
+  compile (run here, or ``--cxx-stock-from FILE``: a previous result's ``stock``); ``--dsl-plan``: the Kimi-K2
+  tp8 plan of ``bf16-dsl`` built cold (an empty cache, no worker).
 * ``--plan`` / ``--plan-only``: the full Kimi-like plan (``moe2stage --model kimi-k2 --tp 8 --tokens 1-8192``): stock = every
   unit by ``nvcc -c``, all in parallel (ninja with MAX_JOBS = cores); ours = ``Builder.build`` into an empty
   cache. Critical path = the longest unit; wall = the whole build.
@@ -147,6 +152,94 @@ def plan_cost(tc, work: Path, jobs: int, family: str = "moe2stage") -> dict:
             "wall_ratio": round(rec.wall_s / stock_wall, 3)}
 
 
+def dsl_cost(inst_name: str, work: Path, stock: dict | None, plan: bool) -> dict:
+    """The CuTe DSL instance of ``inst_name``'s tile: cold process, fresh worker, warm worker (and the plan)."""
+    import subprocess
+    from jitkiln.compilers import get_compiler
+    from jitkiln.compilers import cutedsl
+    fam = get_family("moe2stage")
+    inst = next(i for i in fam.candidates("bf16-dsl") if i.name == inst_name + "_dsl")
+    spec = fam.compile_spec("bf16-dsl")
+    cold_py = (
+        "import time, json; t0 = time.monotonic()\n"
+        "from jitkiln.family import get_family\nfrom jitkiln import families\n"
+        "from jitkiln.compilers import get_compiler\nfrom jitkiln.build import compile_unit\n"
+        "from jitkiln.headers import HeaderLabels\n"
+        "fam = get_family('moe2stage'); spec = fam.compile_spec('bf16-dsl')\n"
+        f"inst = next(i for i in fam.candidates('bf16-dsl') if i.name == {inst.name!r})\n"
+        "tc = get_compiler('cutedsl')\n"
+        "r, data, _ = compile_unit(spec, tc, HeaderLabels(spec, tc), inst.name, fam.render(inst), 'instcost-dsl-cold')\n"
+        "print(json.dumps({'unit_s': r.seconds, 'phases': r.phases, 'bytes': len(data), 'peak_rss': r.peak_rss}))\n")
+    env = dict(os.environ, JITKILN_CACHE_DIR=str(work / "dsl-cold-cache"))
+    print(f"dsl: cold process, {inst.name} ...", flush=True)
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", cold_py], capture_output=True, text=True, env=env)
+    cold_s = time.monotonic() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"cold DSL compile failed:\n{p.stderr[-3000:]}")
+    cold = json.loads(p.stdout.strip().splitlines()[-1])
+    tc = get_compiler("cutedsl")
+    labels = HeaderLabels(spec, tc)
+    cutedsl.POOL.shutdown()
+    runs = {}
+    for kind in ("fresh_worker", "warm_worker"):
+        print(f"dsl: {kind} ...", flush=True)
+        r, data, _ = compile_unit(spec, tc, labels, inst.name, fam.render(inst), f"instcost-dsl-{kind}")
+        out = work / f"dsl-{kind}-{inst.name}.so"
+        out.write_bytes(data)
+        runs[kind] = {"s": round(r.seconds, 2), "cpu_s": round(r.cpu_s, 2), "phases": r.phases, "mode": r.mode,
+                      "worker_peak_rss_gib": round(r.peak_rss / 2**30, 2), "artifact": str(out),
+                      "bytes": len(data)}
+    cubin = _dsl_cubin_summary(runs["warm_worker"]["artifact"])
+    res = {"instance": inst.name, "compiler": tc.fingerprint, "cold_process_s": round(cold_s, 2),
+           "cold_unit_s": round(cold["unit_s"], 2), "cold_phases": cold["phases"], **runs, "sass": cubin,
+           "fresh_vs_warm_bytes_identical": (Path(runs["fresh_worker"]["artifact"]).read_bytes()
+                                             == Path(runs["warm_worker"]["artifact"]).read_bytes())}
+    if stock:
+        res["cxx_stock_s"] = stock["s"]
+        res["cxx_stock_peak_rss_gib"] = stock.get("peak_rss_gib")
+        for k in ("cold_process_s",):
+            res["ratio_cold_process"] = round(res[k] / stock["s"], 3)
+        res["ratio_fresh_worker"] = round(runs["fresh_worker"]["s"] / stock["s"], 3)
+        res["ratio_warm_worker"] = round(runs["warm_worker"]["s"] / stock["s"], 3)
+    if plan:
+        from jitkiln.tokens import parse_tokens
+        cutedsl.POOL.shutdown()
+        problems = fam.problems("bf16-dsl", model="kimi-k2", tp=8, tokens=parse_tokens("1-8192"))
+        pl = make_plan(fam, "bf16-dsl", problems)
+        store = Store(tempfile.mkdtemp(prefix="instcost-dsl-cache-", dir=work))
+        print(f"dsl: plan kimi-k2 tp8, {len(pl.units)} units, cold ...", flush=True)
+        rec = Builder(store, jobs=default_jobs(), progress=False).build(pl)
+        res["plan"] = {"units": [u.instance.name for u in pl.units], "jobs": default_jobs(),
+                       "unit_s": [u.seconds for u in rec.units], "modes": [u.mode for u in rec.units],
+                       "critical_path_s": rec.critical_path_s, "wall_s": round(rec.wall_s, 2)}
+    return res
+
+
+def _dsl_cubin_summary(so: str) -> dict:
+    """Instruction counts of interest in the cubin embedded in a DSL artifact (cuobjdump on the ELF inside)."""
+    import re
+    import shutil as _sh
+    import subprocess
+    data = Path(so).read_bytes()
+    offs = [m.start() for m in re.finditer(rb"\x7fELF", data)][1:]
+    found = sorted(Path(sys.prefix).glob("lib/*/site-packages/nvidia/*/bin/cuobjdump"))
+    cuobj = _sh.which("cuobjdump") or (found[0] if found else None)
+    out: dict = {}
+    for off in offs:
+        tmp = Path(tempfile.mkdtemp()) / "k.cubin"
+        tmp.write_bytes(data[off:])
+        if not cuobj:
+            break
+        txt = subprocess.run([str(cuobj), "-sass", str(tmp)], capture_output=True, text=True).stdout
+        for ins in re.findall(r"(HGMMA\.[\w.]+|UTMALDG\.[\w.]+|UTMASTG\.[\w.]+)", txt):
+            out[ins] = out.get(ins, 0) + 1
+        if out:
+            out["cubin_bytes_upper_bound"] = len(data) - off
+            break
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--instance", default=DEFAULT)
@@ -160,6 +253,10 @@ def main() -> int:
     ap.add_argument("--plan-family", default="moe2stage", help=argparse.SUPPRESS)
     ap.add_argument("--plan-only", action="store_true", help="only the plan comparison")
     ap.add_argument("--pack-only", action="store_true", help="only the pack comparison")
+    ap.add_argument("--dsl", action="store_true", help="also the CuTe DSL back end of the same tile")
+    ap.add_argument("--dsl-only", action="store_true", help="only the CuTe DSL back end (and the C++ stock)")
+    ap.add_argument("--dsl-plan", action="store_true", help="with --dsl/--dsl-only: the Kimi-K2 tp8 bf16-dsl plan cold")
+    ap.add_argument("--cxx-stock-from", default=None, help="with --dsl-only: take the C++ stock compile from this result")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--work", default=None)
     args = ap.parse_args()
@@ -177,6 +274,20 @@ def main() -> int:
     res: dict = {"command": "python bench/instance_cost.py " + " ".join(sys.argv[1:]),
                  "instance": inst.name, "cores": default_jobs(), "host": platform.node(),
                  "cpu": _cpu_model(), "nvcc": tc.version, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if args.dsl_only:
+        if args.cxx_stock_from:
+            prev = json.loads(Path(args.cxx_stock_from).read_text())
+            stock = dict(prev["stock"], from_result=args.cxx_stock_from, from_command=prev.get("command"))
+        else:
+            print(f"stock: nvcc -c {inst.name} ...", flush=True)
+            stock = run_stock(tc, spec, inst.name, source, work)
+        res["cxx_stock"] = stock
+        res["dsl"] = dsl_cost(inst.name, work, stock, args.dsl_plan)
+        print(json.dumps({k: v for k, v in res["dsl"].items() if not isinstance(v, dict)}, indent=1))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"instance-cost-{args.tag}.json").write_text(json.dumps(res, indent=1))
+        return 0
     if args.plan_only or args.pack_only:
         if args.plan_only:
             res["plan"] = plan_cost(tc, work, default_jobs(), args.plan_family)
@@ -211,6 +322,8 @@ def main() -> int:
         res["device_only_cubin"] = fl
         res["device_only_ratio"] = round(fl["s"] / stock["s"], 3)
         res["device_only_sass_identical"] = sass_diff.sass_identical(stock["artifact"], fl["artifact"])["identical"]
+    if args.dsl:
+        res["dsl"] = dsl_cost(inst.name, work, stock, args.dsl_plan)
     if args.plan:
         print("plan: kimi-k2 tp8, stock vs ours ...", flush=True)
         res["plan"] = plan_cost(tc, work, default_jobs(), args.plan_family)

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from jitkiln.families.moe2stage.dsl_instances import is_dsl
 from jitkiln.errors import UsageError
 from jitkiln.families.moe2stage import (SMALL_INTER_DIM, MoE2Stage, MoEShape, expand_token_range,
                                         example_models, parse_tokens)
@@ -154,7 +155,10 @@ def test_render_c_abi_no_torch(fam):
             assert f'{exp} int {inst.symbol}(' in src
             assert f'{exp} const char* jk_name_{inst.digest[:16]}(void) {{ return "{inst.name}"; }}' in src
             assert "-DNDEBUG" in src  # the guard that refuses a build without it
-            assert f"Shape<_{inst.tile_m}, _{inst.tile_n}, _{inst.tile_k}>" in src
+            if is_dsl(inst):  # the GEMM is the CuTe DSL kernel module at this tile (the unit's JSON header)
+                assert f'"tile_m": {inst.tile_m}' in src and f'"tile_n": {inst.tile_n}' in src
+            else:
+                assert f"Shape<_{inst.tile_m}, _{inst.tile_n}, _{inst.tile_k}>" in src
 
 
 def test_compile_spec(fam):

@@ -15,6 +15,7 @@ BUILTIN: dict[str, str] = {
     "nvcc": "jitkiln.compilers.nvcc:Nvcc",
     "hip": "jitkiln.compilers.hipcc:Hipcc",
     "fake": "jitkiln.compilers.fake:FakeCompiler",
+    "cutedsl": "jitkiln.compilers.cutedsl:CuteDsl",
 }
 _extra: dict[str, "str | type[Compiler]"] = {}
 

@@ -1,6 +1,7 @@
 """The ``moe2stage`` family: two-stage fused MoE on Hopper from CUTLASS 3.x ptr-array grouped GEMM."""
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Mapping, Sequence
 
@@ -8,6 +9,8 @@ from ...cutlass import cutlass_include_dirs
 from ...errors import ToolchainNotFound, UsageError
 from ...family import CompileSpec, Family, Instance, Packer, Problem, ShapeKey, register
 from . import heuristic
+from .dsl_instances import is_dsl, to_dsl
+from .dsl_templates import render_dsl_unit
 from .instances import BLOCK, MoEGemm
 from .shapes import MoEShape
 from .templates import render_unit
@@ -18,7 +21,11 @@ VARIANTS = {
     "bf16": "bf16",
     "fp8": "fp8",  # e4m3, per-tensor activation scale, per-expert weight scale
     "fp8b128": "fp8b128",  # e4m3, 128-block scales: activations 1x128 per token, weights 128x128 (DeepSeek-V3)
+    "bf16-dsl": "bf16",  # bf16 with the grouped GEMM from the CuTe DSL kernel (dsl_gemm.py, compiler cutedsl)
 }
+DSL_VARIANTS = {"bf16-dsl"}
+
+
 def _cutlass_or_none() -> tuple[str, ...]:
     try:
         return tuple(cutlass_include_dirs())
@@ -32,6 +39,8 @@ _JK = re.compile(r"\bjk\b")
 def _pack(units: Sequence) -> str:
     """moe2stage units keep everything in namespace ``jk``: each member's copy is renamed ``jk<digest12>``;
     the CUTLASS headers are include-guarded, so they are read once."""
+    if any(is_dsl(u.instance) for u in units):
+        return None  # a CuTe DSL unit is one kernel module compile: never packed
     parts = [f"// jitkiln pack: {', '.join(u.instance.name for u in units)}"]
     for u in units:
         parts.append(f"// ---- member {u.instance.name}\n" + _JK.sub(f"jk{u.instance.digest[:12]}", u.source))
@@ -60,7 +69,8 @@ class MoE2Stage(Family):
         return list(VARIANTS)
 
     def candidates(self, variant: str) -> Sequence[Instance]:
-        return heuristic.candidates(VARIANTS[self.check_variant(variant)])
+        out = heuristic.candidates(VARIANTS[self.check_variant(variant)])
+        return [to_dsl(i) for i in out] if variant in DSL_VARIANTS else out
 
     def select(self, variant: str, problem: Problem) -> Mapping[str, Instance]:
         p = self.check_problem(problem)
@@ -68,7 +78,10 @@ class MoE2Stage(Family):
         if dtype == "fp8b128" and (p["hidden"] % BLOCK or p["inter_dim"] % BLOCK):
             raise UsageError(f"variant fp8b128 needs hidden={p['hidden']} and inter_dim={p['inter_dim']} to be "
                              f"multiples of {BLOCK} (the scale block)")
-        return heuristic.select(dtype, p)
+        chosen = heuristic.select(dtype, p)
+        if variant in DSL_VARIANTS:
+            return {slot: to_dsl(i) for slot, i in chosen.items()}
+        return chosen
 
     def rule(self, variant: str, instance: Instance) -> str:
         assert isinstance(instance, MoEGemm)
@@ -76,12 +89,17 @@ class MoE2Stage(Family):
 
     def render(self, instance: Instance) -> str:
         assert isinstance(instance, MoEGemm)
+        if is_dsl(instance):
+            return render_dsl_unit(instance)
         return render_unit(instance)
 
     def compile_spec(self, variant: str, arch: str | None = None) -> CompileSpec:
         arch = arch or "sm_90a"
         if arch != "sm_90a":
             raise UsageError(f"moe2stage targets sm_90a only (wgmma, TMA); got arch {arch!r}")
+        if variant in DSL_VARIANTS:  # the GEMM from the CuTe DSL; the glue is plain CUDA (no CUTLASS headers)
+            return CompileSpec(toolchain="cutedsl", arch="sm_90a", flags=("-DNDEBUG",),
+                               include_dirs=(os.path.dirname(os.path.abspath(__file__)),))
         return CompileSpec(
             toolchain="nvcc",
             arch="sm_90a",
@@ -92,6 +110,8 @@ class MoE2Stage(Family):
         )
 
     def check_buildable(self, spec: CompileSpec) -> None:
+        if spec.toolchain == "cutedsl":
+            return  # the compiler's find() names the missing package (nvidia-cutlass-dsl) and its version
         if not spec.include_dirs:
             cutlass_include_dirs()  # raises: CUTLASS headers not found, and the pip command
 
@@ -143,7 +163,11 @@ class MoE2Stage(Family):
     def cost_estimate(self, instance: Instance) -> float:
         # measured: one CUTLASS sm90 ptr-array instance, nvcc 13.0, one core: ~34 s (larger tiles a bit more)
         assert isinstance(instance, MoEGemm)
+        if is_dsl(instance):  # measured (bench/results/instance-cost-cutedsl-2cores.json): ~2.5 s DSL + ~3 s glue
+            return 6.0
         return 30.0 + 8.0 * (instance.tile_m * instance.tile_n) / (128 * 256)
 
     def memory_estimate(self, instance: Instance) -> int:
+        if is_dsl(instance):
+            return int(0.6 * (1 << 30))
         return int(3.2 * (1 << 30))

@@ -1,0 +1,260 @@
+"""CuTe DSL kernel of moe2stage's grouped GEMM (the ``*-dsl`` variants): imported only by the ``cutedsl``
+compile worker (it needs ``nvidia-cutlass-dsl``); jitkiln's planning never imports it.
+
+The problem is the one the CUTLASS ptr-array instances solve, without host synchronisation::
+
+    D[rows, N] = A[rows, K] . B[e, N, K]^T    for the rows of each expert e: offsets[e] <= row < offsets[e+1]
+
+A is the gathered activations sorted by expert (K contiguous), B the expert weights [E, N, K] (K contiguous),
+D bf16 (N contiguous). ``offsets`` [E+1] comes from the routing on the device; ``tile_off`` [E+1] (written by
+the unit's ``tile_offsets`` CUDA kernel) numbers each expert's M tiles, each expert's count padded to a
+multiple of the cluster's M size, so the CTAs of one cluster always work on one expert (they share B's tile
+through TMA multicast). CTA ``(x, y)`` serves M tile ``x`` (the expert found by binary search in
+``tile_off``) and N tile ``y``; CTAs past ``tile_off[E]`` exit at once, whole clusters at a time. The grid's
+x extent is a bound computed from the row and expert counts (no device value is read on the host).
+
+Main loop: TMA loads (A at the expert's row offset, B's tile at coordinate ``e`` of its expert mode,
+B multicast across the cluster's M), a multi-stage mbarrier pipeline, wgmma with fp32 accumulators (two
+consumer warpgroups for 128-row tiles: the "cooperative" split). Epilogue: bf16 stores predicated on the
+expert's last row (a tile may end inside the next expert: TMA loads its rows, nothing of them is stored).
+
+Parameters (from the instance): tile_m, tile_n, tile_k, cluster_m, cluster_n; ``compile_for`` builds the
+fake tensors and calls ``cute.compile``. Written for nvidia-cutlass-dsl 4.8.x (the worker checks the version).
+"""
+from __future__ import annotations
+
+import math
+
+import cuda.bindings.driver as cuda
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.pipeline as pipeline
+import cutlass.utils as utils
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass.pipeline import pipeline_init_arrive, pipeline_init_wait
+
+MAX_EXPERTS_LOG2 = 12  # binary search depth: up to 4096 local experts
+
+
+class MoEGroupedGemm:
+    def __init__(self, tile_m: int, tile_n: int, tile_k: int, cluster_m: int, cluster_n: int):
+        if tile_m not in (64, 128):
+            raise ValueError(f"tile_m must be 64 or 128, got {tile_m}")
+        if tile_n not in (64, 128, 256):
+            raise ValueError(f"tile_n must be 64, 128 or 256, got {tile_n}")
+        if cluster_n != 1:
+            raise ValueError("the DSL grouped GEMM multicasts B across the cluster's M only: cluster_n must be 1")
+        self.acc_dtype = cutlass.Float32
+        self.tile_k_req = tile_k
+        self.cluster_shape_mn = (cluster_m, cluster_n)
+        self.tile_shape_mnk = (tile_m, tile_n, tile_k)
+        self.atom_layout_mnk = (2, 1, 1) if tile_m > 64 and tile_n > 128 else (1, 1, 1)
+        self.mma_warp_groups = math.prod(self.atom_layout_mnk)
+        self.threads_per_cta = 128 * self.mma_warp_groups
+        self.smem_capacity = utils.get_smem_capacity_in_bytes("sm_90")
+        self.buffer_align_bytes = 1024
+
+    # --- host side (traced once per compile) ---------------------------------------------------------
+    def _setup(self):
+        self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
+            self.a_dtype, self.b_dtype, self.a_layout.sm90_mma_major_mode(), self.b_layout.sm90_mma_major_mode(),
+            self.acc_dtype, self.atom_layout_mnk, tiler_mn=(64, self.tile_shape_mnk[1]))
+        inst_k = cute.size(self.tiled_mma.shape_mnk, mode=[2])
+        tk = self.tile_k_req if self.tile_k_req % inst_k == 0 else inst_k * 4
+        self.tile_shape_mnk = (self.tile_shape_mnk[0], self.tile_shape_mnk[1], tk)
+        self.cta_layout_mnk = cute.make_layout((*self.cluster_shape_mn, 1))
+        self.num_mcast_b = self.cluster_shape_mn[0]
+        ab_bytes = (self.tile_shape_mnk[0] + self.tile_shape_mnk[1]) * tk * self.a_dtype.width // 8
+        self.ab_stage = min(8, (self.smem_capacity - 2048) // ab_bytes)
+        self.a_smem_staged = sm90_utils.make_smem_layout_a(self.a_layout, self.tile_shape_mnk, self.a_dtype,
+                                                           self.ab_stage)
+        self.b_smem_staged = sm90_utils.make_smem_layout_b(self.b_layout, self.tile_shape_mnk, self.b_dtype,
+                                                           self.ab_stage)
+
+    @cute.jit
+    def __call__(self, a: cute.Tensor, b: cute.Tensor, d: cute.Tensor, offsets: cute.Tensor,
+                 tile_off: cute.Tensor, stream: cuda.CUstream):
+        self.a_dtype = a.element_type
+        self.b_dtype = b.element_type
+        self.d_dtype = d.element_type
+        self.a_layout = utils.LayoutEnum.from_tensor(a)
+        self.b_layout = utils.LayoutEnum.from_tensor(b)
+        self._setup()
+        tm, tn, tk = self.tile_shape_mnk
+        op_a = cute.nvgpu.cpasync.CopyBulkTensorTileG2SOp()
+        tma_atom_a, tma_a = cute.nvgpu.cpasync.make_tiled_tma_atom(
+            op_a, a, cute.slice_(self.a_smem_staged, (None, None, 0)), (tm, tk), num_multicast=1)
+        op_b = (cute.nvgpu.cpasync.CopyBulkTensorTileG2SMulticastOp() if self.num_mcast_b > 1
+                else cute.nvgpu.cpasync.CopyBulkTensorTileG2SOp())
+        tma_atom_b, tma_b = cute.nvgpu.cpasync.make_tiled_tma_atom(
+            op_b, b, cute.slice_(self.b_smem_staged, (None, None, 0)), (tn, tk), num_multicast=self.num_mcast_b)
+
+        rows = cute.size(a, mode=[0])
+        n = cute.size(d, mode=[1])
+        experts = cute.size(b, mode=[2])
+        cm = self.cluster_shape_mn[0]
+        # bound on sum_e cm * ceil(ceil(M_e / tm) / cm): rows / tm + (cm) per non-empty expert
+        slots = (rows + tm - 1) // tm + cutlass.min(experts, rows) * cm
+        slots = (slots + cm - 1) // cm * cm
+        n_tiles = (n + tn - 1) // tn
+
+        @cute.struct
+        class SharedStorage:
+            pipe: cute.struct.MemRange[cutlass.Int64, self.ab_stage * 2]
+            sA: cute.struct.Align[cute.struct.MemRange[self.a_dtype, cute.cosize(self.a_smem_staged)],
+                                  self.buffer_align_bytes]
+            sB: cute.struct.Align[cute.struct.MemRange[self.b_dtype, cute.cosize(self.b_smem_staged)],
+                                  self.buffer_align_bytes]
+
+        self.shared_storage = SharedStorage
+        self.kernel(tma_atom_a, tma_a, tma_atom_b, tma_b, d, offsets, tile_off, self.tiled_mma,
+                    self.cta_layout_mnk, self.a_smem_staged, self.b_smem_staged).launch(
+            grid=(slots, n_tiles, 1), block=[self.threads_per_cta, 1, 1],
+            cluster=(*self.cluster_shape_mn, 1), stream=stream)
+
+    # --- device side --------------------------------------------------------------------------------
+    @cute.kernel
+    def kernel(self, tma_atom_a: cute.CopyAtom, mA: cute.Tensor, tma_atom_b: cute.CopyAtom, mB: cute.Tensor,
+               mD: cute.Tensor, offsets: cute.Tensor, tile_off: cute.Tensor, tiled_mma: cute.TiledMma,
+               cta_layout_mnk: cute.Layout, a_smem_staged: cute.ComposedLayout,
+               b_smem_staged: cute.ComposedLayout):
+        tm, tn, tk = self.tile_shape_mnk
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        tidx, _, _ = cute.arch.thread_idx()
+        pid_m, pid_n, _ = cute.arch.block_idx()
+        experts = cute.size(offsets, mode=[0]) - 1
+        total = tile_off[experts]
+        if pid_m < total:
+            if warp_idx == 0:
+                cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_a)
+                cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_b)
+            # the expert of this M tile: the largest e with tile_off[e] <= pid_m
+            lo = cutlass.Int32(0)
+            hi = cutlass.Int32(experts)
+            for _ in cutlass.range_constexpr(MAX_EXPERTS_LOG2):
+                mid = (lo + hi + 1) // 2
+                if tile_off[mid] <= pid_m:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            e = lo
+            m_start = offsets[e] + (pid_m - tile_off[e]) * tm
+            m_rem = offsets[e + 1] - m_start  # rows of this tile that belong to expert e (<= 0: padding CTA)
+
+            cta_rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
+            cluster_coord = cta_layout_mnk.get_flat_coord(cta_rank)
+            b_mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=0)
+            b_mcast_mask = b_mcast_mask if self.num_mcast_b > 1 else 0
+
+            a_smem = cute.slice_(a_smem_staged, (None, None, 0))
+            b_smem = cute.slice_(b_smem_staged, (None, None, 0))
+            tx_bytes = cute.size_in_bytes(self.a_dtype, a_smem) + cute.size_in_bytes(self.b_dtype, b_smem)
+            smem = cutlass.utils.SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            producer = pipeline.CooperativeGroup(pipeline.Agent.Thread)
+            consumer = pipeline.CooperativeGroup(pipeline.Agent.Thread,
+                                                 self.num_mcast_b * (self.threads_per_cta // 32))
+            mainloop = pipeline.PipelineTmaAsync.create(
+                barrier_storage=storage.pipe.data_ptr(), num_stages=self.ab_stage, producer_group=producer,
+                consumer_group=consumer, tx_count=tx_bytes,
+                cta_layout_vmnk=cute.make_layout((1, *cta_layout_mnk.shape)), defer_sync=True)
+            pipeline_init_arrive(cluster_shape_mn=self.cluster_shape_mn, is_relaxed=True)
+            sA = storage.sA.get_tensor(a_smem_staged.outer, swizzle=a_smem_staged.inner)
+            sB = storage.sB.get_tensor(b_smem_staged.outer, swizzle=b_smem_staged.inner)
+
+            # A: the expert's rows from m_start (TMA zero-fills past the last row); B: expert e's (N, K) slab
+            gA = cute.local_tile(cute.domain_offset((m_start, 0), mA), (tm, tk), (0, None))
+            gB = cute.local_tile(mB, (tn, tk, 1), (pid_n, None, e))
+            gB = gB[(None, None, None, 0)] if cutlass.const_expr(cute.rank(gB) == 4) else gB
+            tAsA, tAgA = cute.nvgpu.cpasync.tma_partition(
+                tma_atom_a, 0, cute.make_layout(1), cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
+            tBsB, tBgB = cute.nvgpu.cpasync.tma_partition(
+                tma_atom_b, cluster_coord[0], cute.make_layout(self.cluster_shape_mn[0]),
+                cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
+
+            wg = cute.arch.make_warp_uniform(tidx // 128)
+            thr_mma = tiled_mma.get_slice(cute.make_layout(self.mma_warp_groups, stride=128)(wg))
+            tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
+            tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
+            gD = cute.local_tile(cute.domain_offset((m_start, 0), mD), (tm, tn), (0, pid_n))
+            tCgD = thr_mma.partition_C(gD)
+            acc = cute.make_rmem_tensor(tCgD.shape, self.acc_dtype)
+            pipeline_init_wait(cluster_shape_mn=self.cluster_shape_mn)
+
+            k_tiles = cute.size(gA, mode=[2])
+            prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.ab_stage)
+            if warp_idx == 0:
+                for _ in cutlass.range(cutlass.min(self.ab_stage, k_tiles), unroll=1):
+                    mainloop.producer_acquire(prod)
+                    bar = mainloop.producer_get_barrier(prod)
+                    cute.copy(tma_atom_a, tAgA[(None, prod.count)], tAsA[(None, prod.index)], tma_bar_ptr=bar)
+                    cute.copy(tma_atom_b, tBgB[(None, prod.count)], tBsB[(None, prod.index)], tma_bar_ptr=bar,
+                              mcast_mask=b_mcast_mask)
+                    mainloop.producer_commit(prod)
+                    prod.advance()
+
+            read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stage)
+            release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stage)
+            tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
+            num_k_blocks = cute.size(tCrA, mode=[2])
+            for k_tile in cutlass.range(k_tiles, unroll=1):
+                mainloop.consumer_wait(read)
+                cute.nvgpu.warpgroup.fence()
+                for kb in cutlass.range(num_k_blocks, unroll_full=True):
+                    cute.gemm(tiled_mma, acc, tCrA[(None, None, kb, read.index)], tCrB[(None, None, kb, read.index)],
+                              acc)
+                    tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+                cute.nvgpu.warpgroup.commit_group()
+                # keep one wgmma batch in flight: the stage read one step ago is free once it has retired
+                cute.nvgpu.warpgroup.wait_group(1)
+                if k_tile > 0:
+                    mainloop.consumer_release(release)
+                    release.advance()
+                read.advance()
+                if warp_idx == 0 and prod.count < k_tiles:
+                    mainloop.producer_acquire(prod)
+                    bar = mainloop.producer_get_barrier(prod)
+                    cute.copy(tma_atom_a, tAgA[(None, prod.count)], tAsA[(None, prod.index)], tma_bar_ptr=bar)
+                    cute.copy(tma_atom_b, tBgB[(None, prod.count)], tBsB[(None, prod.index)], tma_bar_ptr=bar,
+                              mcast_mask=b_mcast_mask)
+                    mainloop.producer_commit(prod)
+                    prod.advance()
+            cute.nvgpu.warpgroup.wait_group(0)
+            if k_tiles > 0:
+                mainloop.consumer_release(release)
+                release.advance()
+
+            # epilogue: bf16, predicated on the expert's rows and on N
+            cD = thr_mma.partition_C(cute.make_identity_tensor((tm, tn)))
+            rD = cute.make_rmem_tensor(tCgD.shape, self.d_dtype)
+            rD.store(acc.load().to(self.d_dtype))
+            n_rem = cute.size(mD, mode=[1]) - pid_n * tn
+            for i in cutlass.range_constexpr(cute.size(rD)):
+                crd = cD[i]
+                if crd[0] < m_rem and crd[1] < n_rem:
+                    tCgD[i] = rD[i]
+            # no CTA of the cluster may exit while a peer can still multicast into its shared memory
+            if cutlass.const_expr(cute.size(self.cluster_shape_mn) > 1):
+                cute.arch.cluster_arrive()
+                cute.arch.cluster_wait()
+
+
+def compile_for(params: dict):
+    """``cute.compile`` of the grouped GEMM for one instance (``params``: dtype, tile_*, cluster_*), on fake
+    tensors with dynamic rows, N, K and expert count. Returns the compiled callable (``export_to_c`` ready)."""
+    from cutlass.cute.runtime import make_fake_compact_tensor
+
+    dtype = params["dtype"]
+    if dtype != "bf16":
+        raise ValueError(f"the DSL grouped GEMM supports dtype bf16 only so far, not {dtype!r}")
+    el = cutlass.BFloat16
+    rows, n, k, e = cute.sym_int32(), cute.sym_int32(divisibility=8), cute.sym_int32(divisibility=8), cute.sym_int32()
+    a = make_fake_compact_tensor(el, (rows, k), stride_order=(1, 0), assumed_align=16)
+    b = make_fake_compact_tensor(el, (n, k, e), stride_order=(1, 0, 2), assumed_align=16)
+    d = make_fake_compact_tensor(el, (rows, n), stride_order=(1, 0), assumed_align=16)
+    off = make_fake_compact_tensor(cutlass.Int32, (cute.sym_int32(),), assumed_align=4)
+    toff = make_fake_compact_tensor(cutlass.Int32, (cute.sym_int32(),), assumed_align=4)
+    g = MoEGroupedGemm(params["tile_m"], params["tile_n"], params["tile_k"], params["cluster_m"],
+                       params["cluster_n"])
+    return cute.compile(g, a, b, d, off, toff, cuda.CUstream(0))

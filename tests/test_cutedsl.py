@@ -1,0 +1,154 @@
+"""The CuTe DSL back end: the ``cutedsl`` compiler and moe2stage's ``bf16-dsl`` variant (no GPU needed).
+
+Planning and keys never import the DSL; compiles (skipped without ``nvidia-cutlass-dsl`` or nvcc) produce a
+loadable C-ABI .so from a resident worker, deterministic bytes, and the errors the issue asks for.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jitkiln import families  # noqa: F401
+from jitkiln.compilers import cutedsl
+from jitkiln.errors import CompileError, ToolchainNotFound
+from jitkiln.family import get_family
+from jitkiln.plan import make_plan
+
+SHAPE = dict(tokens=4096, hidden=7168, inter_dim=256, experts=384, topk=8)
+
+
+def _have_dsl() -> bool:
+    try:
+        cutedsl.CuteDsl.find()
+        return True
+    except ToolchainNotFound:
+        return False
+
+
+needs_dsl = pytest.mark.skipif(not _have_dsl(), reason=f"needs nvidia-cutlass-dsl 4.8.x and nvcc ({cutedsl.PIP})")
+
+
+def test_dsl_variant_plans_the_same_tiles_without_importing_the_dsl():
+    code = ("import sys, json\nfrom jitkiln import families\nfrom jitkiln.family import get_family\n"
+            "from jitkiln.plan import make_plan\n"
+            "f = get_family('moe2stage')\n"
+            f"p = make_plan(f, 'bf16-dsl', [{SHAPE!r}])\n"
+            "print(json.dumps([[u.instance.name for u in p.units], 'cutlass' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    names, imported = json.loads(out)
+    assert not imported, "planning a DSL variant must not import the DSL"
+    fam = get_family("moe2stage")
+    cxx = make_plan(fam, "bf16", [SHAPE])
+    assert names == [u.instance.name + "_dsl" for u in cxx.units]
+
+
+def test_dsl_instances_have_their_own_names_symbols_and_keys():
+    fam = get_family("moe2stage")
+    dsl = make_plan(fam, "bf16-dsl", [SHAPE])
+    cxx = make_plan(fam, "bf16", [SHAPE])
+    assert dsl.spec.toolchain == "cutedsl" and dsl.spec.arch == "sm_90a"
+    for a, b in zip(dsl.units, cxx.units):
+        assert a.instance.symbol != b.instance.symbol and a.ukey != b.ukey
+        assert a.instance.params()["backend"] == "dsl" and "backend" not in b.instance.params()
+        assert type(a.instance).abi is type(b.instance).abi  # the same C ABI
+    slots = fam.select("bf16-dsl", SHAPE)
+    assert {k: v.name for k, v in slots.items()} == {k: v.name + "_dsl" for k, v in fam.select("bf16", SHAPE).items()}
+
+
+def test_dsl_unit_text_carries_the_kernel_digest_and_params():
+    fam = get_family("moe2stage")
+    inst = next(i for i in fam.candidates("bf16-dsl") if i.name.startswith("moe2stage_s1_bf16_128x256x64"))
+    spec, files = cutedsl.parse_unit(fam.render(inst))
+    assert spec["kernel_sha256"] == cutedsl.file_sha256(cutedsl.kernel_file(spec["kernel"]))
+    assert spec["params"] == {"dtype": "bf16", "tile_m": 128, "tile_n": 256, "tile_k": 64, "cluster_m": 2,
+                              "cluster_n": 1}
+    assert set(files) == {"glue.cu", "bridge.c"}
+    assert inst.symbol in files["glue.cu"] and f"jk_name_{inst.digest[:16]}" in files["glue.cu"]
+    assert "cutlass" not in files["glue.cu"].lower().replace("cutedsl", "")
+    assert fam.packer.render([type("U", (), {"instance": inst, "source": ""})()]) is None  # never packed
+
+
+def test_missing_dsl_says_the_pip_command(monkeypatch):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    with pytest.raises(ToolchainNotFound) as e:
+        cutedsl.CuteDsl.find()
+    assert "pip install nvidia-cutlass-dsl==4.8.1" in e.value.hint
+
+
+def test_other_dsl_version_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "4.9.0")
+    with pytest.raises(ToolchainNotFound) as e:
+        cutedsl.CuteDsl.find()
+    assert "4.9.0" in e.value.reason and "4.8." in e.value.reason
+
+
+def _compile(tmp_path, text: str, name: str = "u"):
+    from jitkiln.compilers.base import CompileJob
+    fam = get_family("moe2stage")
+    tc = cutedsl.CuteDsl.find()
+    work = tmp_path / name
+    work.mkdir()
+    src = work / f"{name}.cu"
+    src.write_text(text)
+    job = CompileJob(str(src), str(work / "artifact.so"), fam.compile_spec("bf16-dsl"), str(work),
+                     log_path=str(tmp_path / f"{name}.log"))
+    return tc.compile(job), work / "artifact.so"
+
+
+@needs_dsl
+def test_compile_loads_and_reuses_the_worker(tmp_path, monkeypatch):
+    monkeypatch.setenv("JITKILN_CACHE_DIR", str(tmp_path / "cache"))
+    cutedsl.POOL.shutdown()
+    fam = get_family("moe2stage")
+    inst = next(i for i in fam.candidates("bf16-dsl") if i.name.startswith("moe2stage_s2_bf16_64x64x128"))
+    text = fam.render(inst)
+    r1, so1 = _compile(tmp_path, text, "a")
+    assert r1.mode == "worker-fresh" and "dsl_compile" in r1.phases
+    assert any(d.endswith("dsl_gemm.py") for d in r1.deps)
+    lib = ctypes.CDLL(str(so1))
+    f = getattr(lib, f"jk_name_{inst.digest[:16]}")
+    f.restype = ctypes.c_char_p
+    assert f().decode() == inst.name
+    assert hasattr(lib, inst.symbol)
+    # a worker that died between jobs is replaced
+    w = cutedsl.POOL.idle["sm_90a"][0]
+    w.kill()
+    w.p.wait()
+    r2, so2 = _compile(tmp_path, text, "b")
+    assert r2.mode == "worker-fresh"
+    r3, so3 = _compile(tmp_path, text, "c")
+    assert r3.mode == "worker-warm" and r3.seconds < r1.seconds + 5
+
+
+@needs_dsl
+def test_dsl_compile_error_names_instance_params_and_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("JITKILN_CACHE_DIR", str(tmp_path / "cache"))
+    fam = get_family("moe2stage")
+    inst = next(i for i in fam.candidates("bf16-dsl") if i.name.startswith("moe2stage_s2_bf16_64x64x128"))
+    text = fam.render(inst)
+    head, _, rest = text.partition("\n")
+    spec = json.loads(head[len(cutedsl.HEADER):])
+    spec["params"]["tile_m"] = 96  # no such wgmma tile
+    with pytest.raises(CompileError) as e:
+        _compile(tmp_path, cutedsl.HEADER + json.dumps(spec) + "\n" + rest, "bad")
+    assert '"tile_m": 96' in e.value.reason and "tile_m" in e.value.details
+    assert e.value.log and os.path.isfile(e.value.log)
+
+
+@needs_dsl
+def test_changed_kernel_module_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("JITKILN_CACHE_DIR", str(tmp_path / "cache"))
+    fam = get_family("moe2stage")
+    inst = next(i for i in fam.candidates("bf16-dsl") if i.name.startswith("moe2stage_s2_bf16_64x64x128"))
+    text = fam.render(inst)
+    spec, _ = cutedsl.parse_unit(text)
+    with pytest.raises(CompileError, match="changed since"):
+        _compile(tmp_path, text.replace(spec["kernel_sha256"], "0" * 64), "stale")
