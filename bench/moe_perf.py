@@ -127,6 +127,8 @@ def main():
     ap.add_argument("--fp8", action="store_true", help="also time the fp8 variant (per-tensor scales)")
     ap.add_argument("--fp8b128", action="store_true",
                     help="also time the fp8b128 variant (128x128 weight blocks, 1x128 activations quantized on the GPU)")
+    ap.add_argument("--dsl-cache", default="",
+                    help="also time bf16-dsl (CuTe DSL grouped GEMM), loaded from this cache (scripts/moe_dsl_load.py)")
     ap.add_argument("--sweep", default="", help="token counts at which every candidate of each stage is timed")
     ap.add_argument("--profile", default="", help="shape:tokens,... rows to break down per kernel")
     ap.add_argument("--json")
@@ -136,6 +138,10 @@ def main():
     mod, _ = build("bf16", a.build, verbose=False)
     mod8 = build("fp8", a.build, verbose=False)[0] if a.fp8 else None
     modb = build("fp8b128", a.build, verbose=False)[0] if a.fp8b128 else None
+    modd = dsl_info = None
+    if a.dsl_cache:
+        from moe_dsl_load import load_dsl
+        modd, dsl_info = load_dsl(a.dsl_cache)
     sweep_tokens = {int(t) for t in a.sweep.split(",") if t}
     profile_rows = {tuple(r.split(":")) for r in a.profile.split(",") if r}
     dev = torch.device("cuda")
@@ -205,6 +211,17 @@ def main():
                 res["fp8b128_rel_diff_vs_bf16"] = ((ob - o16).norm() / o16.norm().clamp_min(1e-30)).item()
                 res["fp8b128_instances"] = {s: i.name for s, i in modb.family.select("fp8b128", {
                     "tokens": T, "hidden": H, "inter_dim": I, "experts": E, "topk": k, "ep": ep}).items()}
+            if modd is not None:  # same inputs, same process, right after the C++ instances
+                jd = lambda i: fused_moe(xs[i], w13, w2, rts[i][1], rts[i][0], out=outs[i], module=modd, ep=ep)  # noqa
+                res["dsl_ms"], res["dsl_spread"] = time_graph(jd, range(n_in), a.reps)
+                od = fused_moe(xs[0], w13, w2, rts[0][1], rts[0][0], module=modd, ep=ep).double()
+                o16 = fused_moe(xs[0], w13, w2, rts[0][1], rts[0][0], module=mod, ep=ep).double()
+                res["dsl_rel_diff_vs_bf16"] = ((od - o16).norm() / o16.norm().clamp_min(1e-30)).item()
+                res["dsl_time_ratio"] = res["dsl_ms"] / res["jitkiln_ms"]
+                res["dsl_instances"] = {s: i.name for s, i in modd.family.select("bf16-dsl", {
+                    "tokens": T, "hidden": H, "inter_dim": I, "experts": E, "topk": k, "ep": ep}).items()}
+                print(f"   dsl {res['dsl_ms']:.3f} ms vs C++ {res['jitkiln_ms']:.3f} ms: time ratio "
+                      f"{res['dsl_time_ratio']:.2f}, rel diff {res['dsl_rel_diff_vs_bf16']:.1e}", flush=True)
             if T in sweep_tokens:
                 res["sweep"] = {}
                 cands = mod.family.candidates("bf16")
@@ -266,6 +283,8 @@ def main():
         torch.cuda.empty_cache()
     meta = {"device": props.name, "sms": props.multi_processor_count, "copy_gbs": copy_bw, "peak_tflops": peak_tf,
             "torch": torch.__version__, "cuda": torch.version.cuda, "command": " ".join(sys.argv)}
+    if dsl_info:
+        meta["dsl_load"] = dsl_info
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"meta": meta, "rows": rows_out}, f, indent=1)
@@ -315,6 +334,20 @@ def markdown(meta, rows):
             lines.append(f"| {r['shape']} | {r['tokens']} | {r['jitkiln_ms']:.3f} | {f8:.3f} | {r['fp8b128_ms']:.3f} | "
                          f"{tf:.1f} | {r['jitkiln_ms'] / r['fp8b128_ms']:.2f} | {f8 / r['fp8b128_ms']:.2f} | "
                          f"{r['fp8b128_rel_diff_vs_bf16']:.1e} | {inst} |")
+    d = [r for r in rows if "dsl_ms" in r]
+    if d:  # the CuTe DSL grouped GEMM (bf16-dsl), same rows, same process
+        lines += ["", "bf16-dsl (CuTe DSL grouped GEMM; same routing, gather, activation and combine kernels) against "
+                  "bf16 (CUTLASS C++ ptr-array grouped GEMM); time ratio = DSL ms / C++ ms (> 1: DSL slower):", "",
+                  "| shape | tokens | C++ bf16 ms | DSL ms | time ratio | DSL TFLOP/s | rel diff vs C++ | DSL instances |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in d:
+            tf = 6.0 * r["routed_rows"] * r["inter_dim"] * r["hidden"] / r["dsl_ms"] / 1e9
+            inst = ", ".join(v.replace("moe2stage_", "") for v in r["dsl_instances"].values())
+            lines.append(f"| {r['shape']} | {r['tokens']} | {r['jitkiln_ms']:.3f} | {r['dsl_ms']:.3f} | "
+                         f"{r['dsl_time_ratio']:.2f} | {tf:.1f} | {r['dsl_rel_diff_vs_bf16']:.1e} | {inst} |")
+        ratios = sorted(r["dsl_time_ratio"] for r in d)
+        lines += ["", f"time ratio over {len(d)} rows: min {ratios[0]:.2f}, median "
+                  f"{statistics.median(ratios):.2f}, max {ratios[-1]:.2f}"]
     return "\n".join(lines) + "\n"
 
 

@@ -165,8 +165,9 @@ class MoEGroupedGemm:
 
             # A: the expert's rows from m_start (TMA zero-fills past the last row); B: expert e's (N, K) slab
             gA = cute.local_tile(cute.domain_offset((m_start, 0), mA), (tm, tk), (0, None))
-            gB = cute.local_tile(mB, (tn, tk, 1), (pid_n, None, e))
-            gB = gB[(None, None, None, 0)] if cutlass.const_expr(cute.rank(gB) == 4) else gB
+            # (tn, tk, k_tiles): a 2-mode tiler with an integer expert coordinate drops the expert mode (a
+            # (tn, tk, 1) tiler would keep a size-1 mode before the k tiles)
+            gB = cute.local_tile(mB, (tn, tk), (pid_n, None, e))
             tAsA, tAgA = cute.nvgpu.cpasync.tma_partition(
                 tma_atom_a, 0, cute.make_layout(1), cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
             tBsB, tBgB = cute.nvgpu.cpasync.tma_partition(
@@ -178,7 +179,11 @@ class MoEGroupedGemm:
             tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
             tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
             gD = cute.local_tile(cute.domain_offset((m_start, 0), mD), (tm, tn), (0, pid_n))
-            tCgD = thr_mma.partition_C(gD)
+            # the epilogue stores each thread's own accumulators: C partitioned by the thread (the warpgroup
+            # slice above, right for A/B's shared-memory descriptors, gives every thread the positions of its
+            # warpgroup's thread 0: all 128 threads raced on those, and the rest of D was never written)
+            thr_mma_c = tiled_mma.get_slice(tidx)
+            tCgD = thr_mma_c.partition_C(gD)
             acc = cute.make_rmem_tensor(tCgD.shape, self.acc_dtype)
             pipeline_init_wait(cluster_shape_mn=self.cluster_shape_mn)
 
@@ -208,32 +213,36 @@ class MoEGroupedGemm:
                 cute.nvgpu.warpgroup.commit_group()
                 # keep one wgmma batch in flight: the stage read one step ago is free once it has retired
                 cute.nvgpu.warpgroup.wait_group(1)
+                read.advance()
                 if k_tile > 0:
                     mainloop.consumer_release(release)
                     release.advance()
-                read.advance()
-                if warp_idx == 0 and prod.count < k_tiles:
-                    mainloop.producer_acquire(prod)
-                    bar = mainloop.producer_get_barrier(prod)
-                    cute.copy(tma_atom_a, tAgA[(None, prod.count)], tAsA[(None, prod.index)], tma_bar_ptr=bar)
-                    cute.copy(tma_atom_b, tBgB[(None, prod.count)], tBsB[(None, prod.index)], tma_bar_ptr=bar,
-                              mcast_mask=b_mcast_mask)
-                    mainloop.producer_commit(prod)
-                    prod.advance()
+                    # refill only after this warp released the stage read one step ago: at k_tile 0 the stage
+                    # the next load needs is the one being read now, released by this very warp one step later
+                    # (acquiring it first deadlocks whenever k_tiles > ab_stage)
+                    if warp_idx == 0 and prod.count < k_tiles:
+                        mainloop.producer_acquire(prod)
+                        bar = mainloop.producer_get_barrier(prod)
+                        cute.copy(tma_atom_a, tAgA[(None, prod.count)], tAsA[(None, prod.index)], tma_bar_ptr=bar)
+                        cute.copy(tma_atom_b, tBgB[(None, prod.count)], tBsB[(None, prod.index)],
+                                  tma_bar_ptr=bar, mcast_mask=b_mcast_mask)
+                        mainloop.producer_commit(prod)
+                        prod.advance()
             cute.nvgpu.warpgroup.wait_group(0)
             if k_tiles > 0:
                 mainloop.consumer_release(release)
                 release.advance()
 
             # epilogue: bf16, predicated on the expert's rows and on N
-            cD = thr_mma.partition_C(cute.make_identity_tensor((tm, tn)))
+            cD = thr_mma_c.partition_C(cute.make_identity_tensor((tm, tn)))
             rD = cute.make_rmem_tensor(tCgD.shape, self.d_dtype)
             rD.store(acc.load().to(self.d_dtype))
             n_rem = cute.size(mD, mode=[1]) - pid_n * tn
             for i in cutlass.range_constexpr(cute.size(rD)):
                 crd = cD[i]
-                if crd[0] < m_rem and crd[1] < n_rem:
-                    tCgD[i] = rD[i]
+                if crd[0] < m_rem:
+                    if crd[1] < n_rem:
+                        tCgD[i] = rD[i]
             # no CTA of the cluster may exit while a peer can still multicast into its shared memory
             if cutlass.const_expr(cute.size(self.cluster_shape_mn) > 1):
                 cute.arch.cluster_arrive()
