@@ -15,8 +15,9 @@ x extent is a bound computed from the row and expert counts (no device value is 
 
 Main loop: TMA loads (A at the expert's row offset, B's tile at coordinate ``e`` of its expert mode,
 B multicast across the cluster's M), a multi-stage mbarrier pipeline, wgmma with fp32 accumulators (two
-consumer warpgroups for 128-row tiles: the "cooperative" split). Epilogue: bf16 stores predicated on the
-expert's last row (a tile may end inside the next expert: TMA loads its rows, nothing of them is stored).
+consumer warpgroups for 128-row tiles: the "cooperative" split). Epilogue: the bf16 tile is staged in shared
+memory (B's stages), then stored in 16-byte rows predicated on the expert's last row (a tile may end inside
+the next expert: TMA loads its rows, nothing of them is stored).
 
 Parameters (from the instance): tile_m, tile_n, tile_k, cluster_m, cluster_n; ``compile_for`` builds the
 fake tensors and calls ``cute.compile``. Written for nvidia-cutlass-dsl 4.8.x (the worker checks the version).
@@ -49,7 +50,8 @@ class MoEGroupedGemm:
         self.tile_k_req = tile_k
         self.cluster_shape_mn = (cluster_m, cluster_n)
         self.tile_shape_mnk = (tile_m, tile_n, tile_k)
-        self.atom_layout_mnk = (2, 1, 1) if tile_m > 64 and tile_n > 128 else (1, 1, 1)
+        # 128-row tiles: two consumer warpgroups, 64 rows each (the "cooperative" split)
+        self.atom_layout_mnk = (2, 1, 1) if tile_m > 64 else (1, 1, 1)
         self.mma_warp_groups = math.prod(self.atom_layout_mnk)
         self.threads_per_cta = 128 * self.mma_warp_groups
         self.smem_capacity = utils.get_smem_capacity_in_bytes("sm_90")
@@ -71,6 +73,11 @@ class MoEGroupedGemm:
                                                            self.ab_stage)
         self.b_smem_staged = sm90_utils.make_smem_layout_b(self.b_layout, self.tile_shape_mnk, self.b_dtype,
                                                            self.ab_stage)
+        # the epilogue's bf16 tile (rows padded by 8 elements: conflict-free accumulator writes) lives in B's stages
+        self.d_pad = 8
+        d_bytes = self.tile_shape_mnk[0] * (self.tile_shape_mnk[1] + self.d_pad) * self.d_dtype.width // 8
+        if d_bytes > cute.cosize(self.b_smem_staged) * self.b_dtype.width // 8:
+            raise ValueError(f"the epilogue tile ({d_bytes} bytes) does not fit in B's shared-memory stages")
 
     @cute.jit
     def __call__(self, a: cute.Tensor, b: cute.Tensor, d: cute.Tensor, offsets: cute.Tensor,
@@ -233,16 +240,32 @@ class MoEGroupedGemm:
                 mainloop.consumer_release(release)
                 release.advance()
 
-            # epilogue: bf16, predicated on the expert's rows and on N
-            cD = thr_mma_c.partition_C(cute.make_identity_tensor((tm, tn)))
-            rD = cute.make_rmem_tensor(tCgD.shape, self.d_dtype)
-            rD.store(acc.load().to(self.d_dtype))
+            # epilogue: bf16 through shared memory (B's stages, free once every wgmma has retired: all k tiles
+            # were consumed, so no TMA write is pending), then 16-byte row stores predicated on the expert's
+            # last row and on N. A TMA store cannot stop at the expert's last row (a tile may end inside the
+            # next expert, whose CTA writes those rows).
             n_rem = cute.size(mD, mode=[1]) - pid_n * tn
-            for i in cutlass.range_constexpr(cute.size(rD)):
-                crd = cD[i]
-                if crd[0] < m_rem:
-                    if crd[1] < n_rem:
-                        tCgD[i] = rD[i]
+            sD = cute.make_tensor(cute.recast_ptr(storage.sB.data_ptr(), dtype=self.d_dtype),
+                                  cute.make_layout((tm, tn), stride=(tn + self.d_pad, 1)))
+            cute.arch.sync_threads()
+            tCsD = thr_mma_c.partition_C(sD)
+            tCsD.store(acc.load().to(self.d_dtype))
+            cute.arch.sync_threads()
+            cpr = tn // 8
+            copy_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.d_dtype, num_bits_per_copy=128)
+            tiled_copy = cute.make_tiled_copy_tv(
+                copy_atom, cute.make_layout((self.threads_per_cta // cpr, cpr), stride=(cpr, 1)),
+                cute.make_layout((1, 8)))
+            thr_copy = tiled_copy.get_slice(tidx)
+            tDsD = thr_copy.partition_S(sD)
+            tDgD = thr_copy.partition_D(gD)
+            tDcD = thr_copy.partition_D(cute.make_identity_tensor((tm, tn)))
+            for i in cutlass.range_constexpr(cute.size(tDgD, mode=[1])):
+                for j in cutlass.range_constexpr(cute.size(tDgD, mode=[2])):
+                    crd = tDcD[(0, i, j)]
+                    if crd[0] < m_rem:
+                        if crd[1] < n_rem:
+                            cute.copy(copy_atom, tDsD[(None, i, j)], tDgD[(None, i, j)])
             # no CTA of the cluster may exit while a peer can still multicast into its shared memory
             if cutlass.const_expr(cute.size(self.cluster_shape_mn) > 1):
                 cute.arch.cluster_arrive()
