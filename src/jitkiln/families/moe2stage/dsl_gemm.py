@@ -36,6 +36,7 @@ import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass.pipeline import pipeline_init_arrive, pipeline_init_wait
 
 MAX_EXPERTS_LOG2 = 12  # binary search depth: up to 4096 local experts
+NUM_SMS = 132  # H100 SXM / H200: persistent grid size (fewer SMs: still correct, one more partial wave)
 
 
 class MoEGroupedGemm:
@@ -53,7 +54,9 @@ class MoEGroupedGemm:
         # 128-row tiles: two consumer warpgroups, 64 rows each (the "cooperative" split)
         self.atom_layout_mnk = (2, 1, 1) if tile_m > 64 else (1, 1, 1)
         self.mma_warp_groups = math.prod(self.atom_layout_mnk)
-        self.threads_per_cta = 128 * self.mma_warp_groups
+        self.mma_threads = 128 * self.mma_warp_groups
+        self.producer_warp = self.mma_threads // 32  # one warp after the consumer warpgroups issues the TMA loads
+        self.threads_per_cta = self.mma_threads + 32
         self.smem_capacity = utils.get_smem_capacity_in_bytes("sm_90")
         self.buffer_align_bytes = 1024
 
@@ -67,17 +70,18 @@ class MoEGroupedGemm:
         self.tile_shape_mnk = (self.tile_shape_mnk[0], self.tile_shape_mnk[1], tk)
         self.cta_layout_mnk = cute.make_layout((*self.cluster_shape_mn, 1))
         self.num_mcast_b = self.cluster_shape_mn[0]
+        # epilogue tile: 64 rows (one consumer warpgroup's accumulators at a time), rows padded by 8 elements
+        # (bank-conflict free accumulator writes, 16-byte aligned rows); its own buffer, since the producer warp
+        # already loads the next tile's stages while the consumers store this one
+        self.d_pad = 8
+        self.d_cosize = 63 * (self.tile_shape_mnk[1] + self.d_pad) + self.tile_shape_mnk[1]
+        d_bytes = self.d_cosize * self.a_dtype.width // 8
         ab_bytes = (self.tile_shape_mnk[0] + self.tile_shape_mnk[1]) * tk * self.a_dtype.width // 8
-        self.ab_stage = min(8, (self.smem_capacity - 2048) // ab_bytes)
+        self.ab_stage = min(8, (self.smem_capacity - d_bytes - 1024) // ab_bytes)
         self.a_smem_staged = sm90_utils.make_smem_layout_a(self.a_layout, self.tile_shape_mnk, self.a_dtype,
                                                            self.ab_stage)
         self.b_smem_staged = sm90_utils.make_smem_layout_b(self.b_layout, self.tile_shape_mnk, self.b_dtype,
                                                            self.ab_stage)
-        # the epilogue's bf16 tile (rows padded by 8 elements: conflict-free accumulator writes) lives in B's stages
-        self.d_pad = 8
-        d_bytes = self.tile_shape_mnk[0] * (self.tile_shape_mnk[1] + self.d_pad) * self.d_dtype.width // 8
-        if d_bytes > cute.cosize(self.b_smem_staged) * self.b_dtype.width // 8:
-            raise ValueError(f"the epilogue tile ({d_bytes} bytes) does not fit in B's shared-memory stages")
 
     @cute.jit
     def __call__(self, a: cute.Tensor, b: cute.Tensor, d: cute.Tensor, offsets: cute.Tensor,
@@ -105,6 +109,8 @@ class MoEGroupedGemm:
         slots = (rows + tm - 1) // tm + cutlass.min(experts, rows) * cm
         slots = (slots + cm - 1) // cm * cm
         n_tiles = (n + tn - 1) // tn
+        # persistent: at most one cluster per SM group, each walking work units (cluster M group, N tile)
+        clusters = cutlass.min(slots // cm * n_tiles, NUM_SMS // cm)
 
         @cute.struct
         class SharedStorage:
@@ -113,11 +119,12 @@ class MoEGroupedGemm:
                                   self.buffer_align_bytes]
             sB: cute.struct.Align[cute.struct.MemRange[self.b_dtype, cute.cosize(self.b_smem_staged)],
                                   self.buffer_align_bytes]
+            sD: cute.struct.Align[cute.struct.MemRange[self.d_dtype, self.d_cosize], 128]
 
         self.shared_storage = SharedStorage
         self.kernel(tma_atom_a, tma_a, tma_atom_b, tma_b, d, offsets, tile_off, self.tiled_mma,
-                    self.cta_layout_mnk, self.a_smem_staged, self.b_smem_staged).launch(
-            grid=(slots, n_tiles, 1), block=[self.threads_per_cta, 1, 1],
+                    self.cta_layout_mnk, self.a_smem_staged, self.b_smem_staged, n_tiles).launch(
+            grid=(clusters * cm, 1, 1), block=[self.threads_per_cta, 1, 1],
             cluster=(*self.cluster_shape_mn, 1), stream=stream)
 
     # --- device side --------------------------------------------------------------------------------
@@ -125,17 +132,69 @@ class MoEGroupedGemm:
     def kernel(self, tma_atom_a: cute.CopyAtom, mA: cute.Tensor, tma_atom_b: cute.CopyAtom, mB: cute.Tensor,
                mD: cute.Tensor, offsets: cute.Tensor, tile_off: cute.Tensor, tiled_mma: cute.TiledMma,
                cta_layout_mnk: cute.Layout, a_smem_staged: cute.ComposedLayout,
-               b_smem_staged: cute.ComposedLayout):
+               b_smem_staged: cute.ComposedLayout, n_tiles: cutlass.Int32):
         tm, tn, tk = self.tile_shape_mnk
+        cm = self.cluster_shape_mn[0]
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         tidx, _, _ = cute.arch.thread_idx()
-        pid_m, pid_n, _ = cute.arch.block_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        gdim, _, _ = cute.arch.grid_dim()
         experts = cute.size(offsets, mode=[0]) - 1
-        total = tile_off[experts]
-        if pid_m < total:
-            if warp_idx == 0:
-                cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_a)
-                cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_b)
+        units = tile_off[experts] // cm * n_tiles
+        if warp_idx == self.producer_warp:
+            cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_a)
+            cute.nvgpu.cpasync.prefetch_descriptor(tma_atom_b)
+
+        cta_rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
+        cluster_coord = cta_layout_mnk.get_flat_coord(cta_rank)
+        b_mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=0)
+        b_mcast_mask = b_mcast_mask if self.num_mcast_b > 1 else 0
+
+        a_smem = cute.slice_(a_smem_staged, (None, None, 0))
+        b_smem = cute.slice_(b_smem_staged, (None, None, 0))
+        tx_bytes = cute.size_in_bytes(self.a_dtype, a_smem) + cute.size_in_bytes(self.b_dtype, b_smem)
+        smem = cutlass.utils.SmemAllocator()
+        storage = smem.allocate(self.shared_storage)
+        producer = pipeline.CooperativeGroup(pipeline.Agent.Thread)
+        consumer = pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mcast_b * (self.mma_threads // 32))
+        mainloop = pipeline.PipelineTmaAsync.create(
+            barrier_storage=storage.pipe.data_ptr(), num_stages=self.ab_stage, producer_group=producer,
+            consumer_group=consumer, tx_count=tx_bytes,
+            cta_layout_vmnk=cute.make_layout((1, *cta_layout_mnk.shape)), defer_sync=True)
+        pipeline_init_arrive(cluster_shape_mn=self.cluster_shape_mn, is_relaxed=True)
+        sA = storage.sA.get_tensor(a_smem_staged.outer, swizzle=a_smem_staged.inner)
+        sB = storage.sB.get_tensor(b_smem_staged.outer, swizzle=b_smem_staged.inner)
+        # the epilogue buffer holds 64 rows; the (tm, tn) view maps warpgroup h's rows 64h.. onto it (stride 0)
+        sD = storage.sD.get_tensor(cute.make_layout((64, tn), stride=(tn + self.d_pad, 1)))
+        sDv = cute.make_tensor(sD.iterator, cute.make_layout(
+            ((64, self.mma_warp_groups), tn), stride=((tn + self.d_pad, 0), 1)))
+
+        wg = cute.arch.make_warp_uniform(tidx // 128)
+        thr_mma = tiled_mma.get_slice(cute.make_layout(self.mma_warp_groups, stride=128)(wg % self.mma_warp_groups))
+        tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
+        tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
+        # C partitioned by the thread (the warpgroup slice above is right for A/B's descriptors only)
+        thr_mma_c = tiled_mma.get_slice(tidx % self.mma_threads)
+        tCsD = thr_mma_c.partition_C(sDv)
+        acc = cute.make_rmem_tensor(tCsD.shape, self.acc_dtype)
+        cpr = tn // 8
+        copy_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.d_dtype, num_bits_per_copy=128)
+        tiled_copy = cute.make_tiled_copy_tv(
+            copy_atom, cute.make_layout((self.mma_threads // cpr, cpr), stride=(cpr, 1)), cute.make_layout((1, 8)))
+        thr_copy = tiled_copy.get_slice(tidx % self.mma_threads)
+        tDsD = thr_copy.partition_S(sD)
+        tDcD = thr_copy.partition_D(cute.make_identity_tensor((64, tn)))
+        pipeline_init_wait(cluster_shape_mn=self.cluster_shape_mn)
+
+        k_tiles = (cute.size(mA, mode=[1]) + tk - 1) // tk
+        num_k_blocks = cute.size(tCrA, mode=[2])
+        prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.ab_stage)
+        read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stage)
+        release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stage)
+        # work unit u: cluster M group u // n_tiles (this CTA: its M tile cm * group + rank), N tile u % n_tiles
+        for u in cutlass.range(bidx // cm, units, gdim // cm, unroll=1):
+            pid_m = (u // n_tiles) * cm + cluster_coord[0]
+            pid_n = u % n_tiles
             # the expert of this M tile: the largest e with tile_off[e] <= pid_m
             lo = cutlass.Int32(0)
             hi = cutlass.Int32(experts)
@@ -148,128 +207,69 @@ class MoEGroupedGemm:
             e = lo
             m_start = offsets[e] + (pid_m - tile_off[e]) * tm
             m_rem = offsets[e + 1] - m_start  # rows of this tile that belong to expert e (<= 0: padding CTA)
-
-            cta_rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
-            cluster_coord = cta_layout_mnk.get_flat_coord(cta_rank)
-            b_mcast_mask = cute.make_layout_image_mask(cta_layout_mnk, cluster_coord, mode=0)
-            b_mcast_mask = b_mcast_mask if self.num_mcast_b > 1 else 0
-
-            a_smem = cute.slice_(a_smem_staged, (None, None, 0))
-            b_smem = cute.slice_(b_smem_staged, (None, None, 0))
-            tx_bytes = cute.size_in_bytes(self.a_dtype, a_smem) + cute.size_in_bytes(self.b_dtype, b_smem)
-            smem = cutlass.utils.SmemAllocator()
-            storage = smem.allocate(self.shared_storage)
-            producer = pipeline.CooperativeGroup(pipeline.Agent.Thread)
-            consumer = pipeline.CooperativeGroup(pipeline.Agent.Thread,
-                                                 self.num_mcast_b * (self.threads_per_cta // 32))
-            mainloop = pipeline.PipelineTmaAsync.create(
-                barrier_storage=storage.pipe.data_ptr(), num_stages=self.ab_stage, producer_group=producer,
-                consumer_group=consumer, tx_count=tx_bytes,
-                cta_layout_vmnk=cute.make_layout((1, *cta_layout_mnk.shape)), defer_sync=True)
-            pipeline_init_arrive(cluster_shape_mn=self.cluster_shape_mn, is_relaxed=True)
-            sA = storage.sA.get_tensor(a_smem_staged.outer, swizzle=a_smem_staged.inner)
-            sB = storage.sB.get_tensor(b_smem_staged.outer, swizzle=b_smem_staged.inner)
-
-            # A: the expert's rows from m_start (TMA zero-fills past the last row); B: expert e's (N, K) slab
-            gA = cute.local_tile(cute.domain_offset((m_start, 0), mA), (tm, tk), (0, None))
-            # (tn, tk, k_tiles): a 2-mode tiler with an integer expert coordinate drops the expert mode (a
-            # (tn, tk, 1) tiler would keep a size-1 mode before the k tiles)
-            gB = cute.local_tile(mB, (tn, tk), (pid_n, None, e))
-            tAsA, tAgA = cute.nvgpu.cpasync.tma_partition(
-                tma_atom_a, 0, cute.make_layout(1), cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
-            tBsB, tBgB = cute.nvgpu.cpasync.tma_partition(
-                tma_atom_b, cluster_coord[0], cute.make_layout(self.cluster_shape_mn[0]),
-                cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
-
-            wg = cute.arch.make_warp_uniform(tidx // 128)
-            thr_mma = tiled_mma.get_slice(cute.make_layout(self.mma_warp_groups, stride=128)(wg))
-            tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
-            tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
-            gD = cute.local_tile(cute.domain_offset((m_start, 0), mD), (tm, tn), (0, pid_n))
-            # the epilogue stores each thread's own accumulators: C partitioned by the thread (the warpgroup
-            # slice above, right for A/B's shared-memory descriptors, gives every thread the positions of its
-            # warpgroup's thread 0: all 128 threads raced on those, and the rest of D was never written)
-            thr_mma_c = tiled_mma.get_slice(tidx)
-            tCgD = thr_mma_c.partition_C(gD)
-            acc = cute.make_rmem_tensor(tCgD.shape, self.acc_dtype)
-            pipeline_init_wait(cluster_shape_mn=self.cluster_shape_mn)
-
-            k_tiles = cute.size(gA, mode=[2])
-            prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.ab_stage)
-            if warp_idx == 0:
-                for _ in cutlass.range(cutlass.min(self.ab_stage, k_tiles), unroll=1):
+            if warp_idx == self.producer_warp:
+                # A: the expert's rows from m_start (TMA zero-fills past the last row); B: expert e's (N, K) slab
+                # ((tn, tk) tiler with the integer expert coordinate: the expert mode is dropped)
+                gA = cute.local_tile(cute.domain_offset((m_start, 0), mA), (tm, tk), (0, None))
+                gB = cute.local_tile(mB, (tn, tk), (pid_n, None, e))
+                tAsA, tAgA = cute.nvgpu.cpasync.tma_partition(
+                    tma_atom_a, 0, cute.make_layout(1), cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
+                tBsB, tBgB = cute.nvgpu.cpasync.tma_partition(
+                    tma_atom_b, cluster_coord[0], cute.make_layout(cm),
+                    cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
+                for k_tile in cutlass.range(k_tiles, unroll=1):
                     mainloop.producer_acquire(prod)
                     bar = mainloop.producer_get_barrier(prod)
-                    cute.copy(tma_atom_a, tAgA[(None, prod.count)], tAsA[(None, prod.index)], tma_bar_ptr=bar)
-                    cute.copy(tma_atom_b, tBgB[(None, prod.count)], tBsB[(None, prod.index)], tma_bar_ptr=bar,
+                    cute.copy(tma_atom_a, tAgA[(None, k_tile)], tAsA[(None, prod.index)], tma_bar_ptr=bar)
+                    cute.copy(tma_atom_b, tBgB[(None, k_tile)], tBsB[(None, prod.index)], tma_bar_ptr=bar,
                               mcast_mask=b_mcast_mask)
                     mainloop.producer_commit(prod)
                     prod.advance()
-
-            read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stage)
-            release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.ab_stage)
-            tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
-            num_k_blocks = cute.size(tCrA, mode=[2])
-            for k_tile in cutlass.range(k_tiles, unroll=1):
-                mainloop.consumer_wait(read)
-                cute.nvgpu.warpgroup.fence()
-                for kb in cutlass.range(num_k_blocks, unroll_full=True):
-                    cute.gemm(tiled_mma, acc, tCrA[(None, None, kb, read.index)], tCrB[(None, None, kb, read.index)],
-                              acc)
-                    tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
-                cute.nvgpu.warpgroup.commit_group()
-                # keep one wgmma batch in flight: the stage read one step ago is free once it has retired
-                cute.nvgpu.warpgroup.wait_group(1)
-                read.advance()
-                if k_tile > 0:
+            if warp_idx < self.producer_warp:
+                tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
+                for k_tile in cutlass.range(k_tiles, unroll=1):
+                    mainloop.consumer_wait(read)
+                    cute.nvgpu.warpgroup.fence()
+                    for kb in cutlass.range(num_k_blocks, unroll_full=True):
+                        cute.gemm(tiled_mma, acc, tCrA[(None, None, kb, read.index)],
+                                  tCrB[(None, None, kb, read.index)], acc)
+                        tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+                    cute.nvgpu.warpgroup.commit_group()
+                    # keep one wgmma batch in flight: the stage read one step ago is free once it has retired
+                    cute.nvgpu.warpgroup.wait_group(1)
+                    read.advance()
+                    if k_tile > 0:
+                        mainloop.consumer_release(release)
+                        release.advance()
+                cute.nvgpu.warpgroup.wait_group(0)
+                if k_tiles > 0:
                     mainloop.consumer_release(release)
                     release.advance()
-                    # refill only after this warp released the stage read one step ago: at k_tile 0 the stage
-                    # the next load needs is the one being read now, released by this very warp one step later
-                    # (acquiring it first deadlocks whenever k_tiles > ab_stage)
-                    if warp_idx == 0 and prod.count < k_tiles:
-                        mainloop.producer_acquire(prod)
-                        bar = mainloop.producer_get_barrier(prod)
-                        cute.copy(tma_atom_a, tAgA[(None, prod.count)], tAsA[(None, prod.index)], tma_bar_ptr=bar)
-                        cute.copy(tma_atom_b, tBgB[(None, prod.count)], tBsB[(None, prod.index)],
-                                  tma_bar_ptr=bar, mcast_mask=b_mcast_mask)
-                        mainloop.producer_commit(prod)
-                        prod.advance()
-            cute.nvgpu.warpgroup.wait_group(0)
-            if k_tiles > 0:
-                mainloop.consumer_release(release)
-                release.advance()
 
-            # epilogue: bf16 through shared memory (B's stages, free once every wgmma has retired: all k tiles
-            # were consumed, so no TMA write is pending), then 16-byte row stores predicated on the expert's
-            # last row and on N. A TMA store cannot stop at the expert's last row (a tile may end inside the
-            # next expert, whose CTA writes those rows).
-            n_rem = cute.size(mD, mode=[1]) - pid_n * tn
-            sD = cute.make_tensor(cute.recast_ptr(storage.sB.data_ptr(), dtype=self.d_dtype),
-                                  cute.make_layout((tm, tn), stride=(tn + self.d_pad, 1)))
-            cute.arch.sync_threads()
-            tCsD = thr_mma_c.partition_C(sD)
-            tCsD.store(acc.load().to(self.d_dtype))
-            cute.arch.sync_threads()
-            cpr = tn // 8
-            copy_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.d_dtype, num_bits_per_copy=128)
-            tiled_copy = cute.make_tiled_copy_tv(
-                copy_atom, cute.make_layout((self.threads_per_cta // cpr, cpr), stride=(cpr, 1)),
-                cute.make_layout((1, 8)))
-            thr_copy = tiled_copy.get_slice(tidx)
-            tDsD = thr_copy.partition_S(sD)
-            tDgD = thr_copy.partition_D(gD)
-            tDcD = thr_copy.partition_D(cute.make_identity_tensor((tm, tn)))
-            for i in cutlass.range_constexpr(cute.size(tDgD, mode=[1])):
-                for j in cutlass.range_constexpr(cute.size(tDgD, mode=[2])):
-                    crd = tDcD[(0, i, j)]
-                    if crd[0] < m_rem:
-                        if crd[1] < n_rem:
-                            cute.copy(copy_atom, tDsD[(None, i, j)], tDgD[(None, i, j)])
-            # no CTA of the cluster may exit while a peer can still multicast into its shared memory
-            if cutlass.const_expr(cute.size(self.cluster_shape_mn) > 1):
-                cute.arch.cluster_arrive()
-                cute.arch.cluster_wait()
+                # epilogue: bf16 through shared memory, one warpgroup's 64 rows at a time, then 16-byte row
+                # stores predicated on the expert's last row and on N. A TMA store cannot stop at the expert's
+                # last row (a tile may end inside the next expert, whose CTA writes those rows).
+                n_rem = cute.size(mD, mode=[1]) - pid_n * tn
+                for h in cutlass.range_constexpr(self.mma_warp_groups):
+                    cute.arch.barrier(barrier_id=1, number_of_threads=self.mma_threads)
+                    if wg == h:
+                        tCsD.store(acc.load().to(self.d_dtype))
+                    cute.arch.barrier(barrier_id=1, number_of_threads=self.mma_threads)
+                    gD = cute.local_tile(cute.domain_offset((m_start + h * 64, 0), mD), (64, tn), (0, pid_n))
+                    tDgD = thr_copy.partition_D(gD)
+                    for i in cutlass.range_constexpr(cute.size(tDgD, mode=[1])):
+                        for j in cutlass.range_constexpr(cute.size(tDgD, mode=[2])):
+                            crd = tDcD[(0, i, j)]
+                            if crd[0] + h * 64 < m_rem:
+                                if crd[1] < n_rem:
+                                    cute.copy(copy_atom, tDsD[(None, i, j)], tDgD[(None, i, j)])
+        if warp_idx == self.producer_warp:
+            # every stage's release seen (peers' arrives included) before this CTA may exit
+            mainloop.producer_tail(prod)
+        # no CTA of the cluster may exit while a peer can still multicast into its shared memory
+        if cutlass.const_expr(cute.size(self.cluster_shape_mn) > 1):
+            cute.arch.cluster_arrive()
+            cute.arch.cluster_wait()
 
 
 def compile_for(params: dict):
