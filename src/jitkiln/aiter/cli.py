@@ -5,9 +5,10 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 
-from ..errors import JitkilnError
+from ..errors import JitkilnError, UsageError
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
@@ -45,8 +46,11 @@ def cmd_plan(a) -> int:
     spec = make_spec(fam, a.variant, _plan_of(a), a.policy)
     doc = {**spec.plan, "variant": spec.variant, "arch": spec.arch, "policy": spec.policy}
     if a.out:
-        with open(a.out, "w") as f:
-            f.write(json.dumps(doc, indent=2) + "\n")
+        try:
+            Path(a.out).write_text(json.dumps(doc, indent=2) + "\n")
+        except OSError as e:
+            raise UsageError(f"cannot write the plan to {a.out}: {e.strerror or e}",
+                             hint="give -o a file in an existing, writable folder") from None
     if a.json:
         print(json.dumps({"plan": doc, "suffix": spec.suffix, "module_key": spec.module_key,
                           "instances": spec.instances, "unused": spec.unused}, indent=2))

@@ -200,6 +200,11 @@ def installed_versions(dest: Path) -> dict[str, str]:
 def install(dest: str | os.PathLike = DEFAULT_DEST, log: Log = print, mirror: str | None = None) -> Path:
     """Install (or complete) the ROCm chroot at ``dest``; return the folder to give ``JITKILN_ROCM_CHROOT``."""
     dest = Path(dest).absolute()
+    for p in (dest, *dest.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise _fail(f"cannot install into {dest}: {p} is a file", "give a folder (e.g. /opt/jitkiln-rocm)")
+            break
     if is_complete(dest):
         log(f"ROCm chroot at {dest} is complete ({read_manifest(dest).get('versions', {}).get('hipcc', '?')})")
         return dest
