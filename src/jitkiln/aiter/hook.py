@@ -21,8 +21,10 @@ Longer than 400 lines: every AITER function the hook wraps, and their restoring,
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
+import io
 import json
 import logging
 import os
@@ -350,11 +352,14 @@ def enable(model: str | None = None, *, tp: int = 1, ep: int = 1, tokens=None, s
     with _LOCK:
         if _STATE is not None:
             disable()
+        noise = io.StringIO()  # what importing AITER prints (torch's ROCm probe): after our reason, not before
         try:
-            from aiter.jit import (
-                core,  # the AITER that runs; its root is the generator root
-            )
-            from aiter.ops import moe_op
+            with contextlib.redirect_stderr(noise):
+                from aiter.jit import (
+                    core,  # the AITER that runs; its root is the generator root
+                )
+                from aiter.ops import moe_op
+            sys.stderr.write(noise.getvalue())
         except Exception as e:
             raise AiterHookError(f"AITER does not import here: {type(e).__name__}: "
                                  f"{(str(e).splitlines() or [''])[0]}",
