@@ -67,7 +67,7 @@ def test_dsl_unit_text_carries_the_kernel_digest_and_params():
     spec, files = cutedsl.parse_unit(fam.render(inst))
     assert spec["kernel_sha256"] == cutedsl.file_sha256(cutedsl.kernel_file(spec["kernel"]))
     assert spec["params"] == {"dtype": "bf16", "tile_m": 128, "tile_n": 256, "tile_k": 64, "cluster_m": 2,
-                              "cluster_n": 1}
+                              "cluster_n": 1, "schedule": "cooperative"}
     assert set(files) == {"glue.cu", "bridge.c"}
     assert inst.symbol in files["glue.cu"] and f"jk_name_{inst.digest[:16]}" in files["glue.cu"]
     assert "cutlass" not in files["glue.cu"].lower().replace("cutedsl", "")

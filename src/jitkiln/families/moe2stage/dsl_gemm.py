@@ -9,17 +9,21 @@ A is the gathered activations sorted by expert (K contiguous), B the expert weig
 D bf16 (N contiguous). ``offsets`` [E+1] comes from the routing on the device; ``tile_off`` [E+1] (written by
 the unit's ``tile_offsets`` CUDA kernel) numbers each expert's M tiles, each expert's count padded to a
 multiple of the cluster's M size, so the CTAs of one cluster always work on one expert (they share B's tile
-through TMA multicast). CTA ``(x, y)`` serves M tile ``x`` (the expert found by binary search in
-``tile_off``) and N tile ``y``; CTAs past ``tile_off[E]`` exit at once, whole clusters at a time. The grid's
-x extent is a bound computed from the row and expert counts (no device value is read on the host).
+through TMA multicast). Persistent: the grid is at most one CTA per SM (``NUM_SMS``, whole clusters; a bound
+computed from the row and expert counts when smaller, no device value is read on the host); each cluster walks
+the work units (cluster M group, N tile) up to ``tile_off[E] / cluster_m * n_tiles`` with a stride of the
+cluster count, finding each M tile's expert by binary search in ``tile_off``.
 
-Main loop: TMA loads (A at the expert's row offset, B's tile at coordinate ``e`` of its expert mode,
-B multicast across the cluster's M), a multi-stage mbarrier pipeline, wgmma with fp32 accumulators (two
-consumer warpgroups for 128-row tiles: the "cooperative" split). Epilogue: the bf16 tile is staged in shared
-memory (B's stages), then stored in 16-byte rows predicated on the expert's last row (a tile may end inside
-the next expert: TMA loads its rows, nothing of them is stored).
+Warp-specialised: one producer warp (after the consumer warpgroups) issues the TMA loads (A at the expert's row
+offset, B's tile at coordinate ``e`` of its expert mode, B multicast across the cluster's M) into a multi-stage
+mbarrier pipeline, running ahead into the next tile; the consumers run wgmma with fp32 accumulators. 128-row
+tiles: two consumer warpgroups, 64 rows each of one tile ("cooperative"), or for the pingpong schedule (tile_n
+<= 128) each its own tile, alternating over the CTA's units, main loops ordered by named barriers so that one's
+epilogue overlaps the other's MMAs. Epilogue: the bf16 tile is staged in its own shared-memory buffer, 64 rows
+at a time, then stored in 16-byte rows predicated on the expert's last row (a tile may end inside the next
+expert: TMA loads its rows, nothing of them is stored; a TMA store could not stop there).
 
-Parameters (from the instance): tile_m, tile_n, tile_k, cluster_m, cluster_n; ``compile_for`` builds the
+Parameters (from the instance): tile_m, tile_n, tile_k, cluster_m, cluster_n, schedule; ``compile_for`` builds the
 fake tensors and calls ``cute.compile``. Written for nvidia-cutlass-dsl 4.8.x (the worker checks the version).
 """
 from __future__ import annotations
@@ -40,7 +44,8 @@ NUM_SMS = 132  # H100 SXM / H200: persistent grid size (fewer SMs: still correct
 
 
 class MoEGroupedGemm:
-    def __init__(self, tile_m: int, tile_n: int, tile_k: int, cluster_m: int, cluster_n: int):
+    def __init__(self, tile_m: int, tile_n: int, tile_k: int, cluster_m: int, cluster_n: int,
+                 schedule: str = "cooperative"):
         if tile_m not in (64, 128):
             raise ValueError(f"tile_m must be 64 or 128, got {tile_m}")
         if tile_n not in (64, 128, 256):
@@ -51,10 +56,13 @@ class MoEGroupedGemm:
         self.tile_k_req = tile_k
         self.cluster_shape_mn = (cluster_m, cluster_n)
         self.tile_shape_mnk = (tile_m, tile_n, tile_k)
-        # 128-row tiles: two consumer warpgroups, 64 rows each (the "cooperative" split)
-        self.atom_layout_mnk = (2, 1, 1) if tile_m > 64 else (1, 1, 1)
+        # 128-row tiles: two consumer warpgroups, either 64 rows each of one tile ("cooperative") or each its own
+        # tile, taking turns in the main loop so that one's epilogue overlaps the other's MMAs ("pingpong")
+        self.pingpong = schedule == "pingpong" and tile_m > 64 and tile_n <= 128
+        self.atom_layout_mnk = (2, 1, 1) if tile_m > 64 and not self.pingpong else (1, 1, 1)
         self.mma_warp_groups = math.prod(self.atom_layout_mnk)
-        self.mma_threads = 128 * self.mma_warp_groups
+        self.consumer_wgs = 2 if self.pingpong else self.mma_warp_groups
+        self.mma_threads = 128 * self.consumer_wgs
         self.producer_warp = self.mma_threads // 32  # one warp after the consumer warpgroups issues the TMA loads
         self.threads_per_cta = self.mma_threads + 32
         self.smem_capacity = utils.get_smem_capacity_in_bytes("sm_90")
@@ -74,7 +82,9 @@ class MoEGroupedGemm:
         # (bank-conflict free accumulator writes, 16-byte aligned rows); its own buffer, since the producer warp
         # already loads the next tile's stages while the consumers store this one
         self.d_pad = 8
-        self.d_cosize = 63 * (self.tile_shape_mnk[1] + self.d_pad) + self.tile_shape_mnk[1]
+        # (pingpong: one 64-row buffer per warpgroup)
+        self.d_cosize = (64 * (2 if self.pingpong else 1) - 1) * (self.tile_shape_mnk[1] + self.d_pad) \
+            + self.tile_shape_mnk[1]
         d_bytes = self.d_cosize * self.a_dtype.width // 8
         ab_bytes = (self.tile_shape_mnk[0] + self.tile_shape_mnk[1]) * tk * self.a_dtype.width // 8
         self.ab_stage = min(8, (self.smem_capacity - d_bytes - 1024) // ab_bytes)
@@ -156,7 +166,9 @@ class MoEGroupedGemm:
         smem = cutlass.utils.SmemAllocator()
         storage = smem.allocate(self.shared_storage)
         producer = pipeline.CooperativeGroup(pipeline.Agent.Thread)
-        consumer = pipeline.CooperativeGroup(pipeline.Agent.Thread, self.num_mcast_b * (self.mma_threads // 32))
+        # a stage is read by every consumer warp (pingpong: by the warps of one warpgroup) of each CTA it reaches
+        consumer = pipeline.CooperativeGroup(pipeline.Agent.Thread,
+                                             self.num_mcast_b * (self.mma_threads // 32 // (2 if self.pingpong else 1)))
         mainloop = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.pipe.data_ptr(), num_stages=self.ab_stage, producer_group=producer,
             consumer_group=consumer, tx_count=tx_bytes,
@@ -165,23 +177,26 @@ class MoEGroupedGemm:
         sA = storage.sA.get_tensor(a_smem_staged.outer, swizzle=a_smem_staged.inner)
         sB = storage.sB.get_tensor(b_smem_staged.outer, swizzle=b_smem_staged.inner)
         # the epilogue buffer holds 64 rows; the (tm, tn) view maps warpgroup h's rows 64h.. onto it (stride 0)
-        sD = storage.sD.get_tensor(cute.make_layout((64, tn), stride=(tn + self.d_pad, 1)))
-        sDv = cute.make_tensor(sD.iterator, cute.make_layout(
-            ((64, self.mma_warp_groups), tn), stride=((tn + self.d_pad, 0), 1)))
-
         wg = cute.arch.make_warp_uniform(tidx // 128)
+        # pingpong: warpgroup wg's own 64-row buffer; the (tm, tn) view maps rows 64h.. onto it (stride 0)
+        sD = storage.sD.get_tensor(cute.make_layout((64, tn, self.consumer_wgs if self.pingpong else 1),
+                                                    stride=(tn + self.d_pad, 1, 64 * (tn + self.d_pad))))
+        sD = sD[(None, None, wg % self.consumer_wgs if self.pingpong else 0)]
+        sDv = cute.make_tensor(sD.iterator, cute.make_layout(((64, tm // 64), tn), stride=((tn + self.d_pad, 0), 1)))
+
         thr_mma = tiled_mma.get_slice(cute.make_layout(self.mma_warp_groups, stride=128)(wg % self.mma_warp_groups))
         tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
         tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
         # C partitioned by the thread (the warpgroup slice above is right for A/B's descriptors only)
-        thr_mma_c = tiled_mma.get_slice(tidx % self.mma_threads)
+        epi_threads = 128 if self.pingpong else self.mma_threads
+        thr_mma_c = tiled_mma.get_slice(tidx % epi_threads)
         tCsD = thr_mma_c.partition_C(sDv)
         acc = cute.make_rmem_tensor(tCsD.shape, self.acc_dtype)
         cpr = tn // 8
         copy_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.d_dtype, num_bits_per_copy=128)
         tiled_copy = cute.make_tiled_copy_tv(
-            copy_atom, cute.make_layout((self.mma_threads // cpr, cpr), stride=(cpr, 1)), cute.make_layout((1, 8)))
-        thr_copy = tiled_copy.get_slice(tidx % self.mma_threads)
+            copy_atom, cute.make_layout((epi_threads // cpr, cpr), stride=(cpr, 1)), cute.make_layout((1, 8)))
+        thr_copy = tiled_copy.get_slice(tidx % epi_threads)
         tDsD = thr_copy.partition_S(sD)
         tDcD = thr_copy.partition_D(cute.make_identity_tensor((64, tn)))
         pipeline_init_wait(cluster_shape_mn=self.cluster_shape_mn)
@@ -226,43 +241,66 @@ class MoEGroupedGemm:
                     mainloop.producer_commit(prod)
                     prod.advance()
             if warp_idx < self.producer_warp:
-                tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
-                for k_tile in cutlass.range(k_tiles, unroll=1):
-                    mainloop.consumer_wait(read)
-                    cute.nvgpu.warpgroup.fence()
-                    for kb in cutlass.range(num_k_blocks, unroll_full=True):
-                        cute.gemm(tiled_mma, acc, tCrA[(None, None, kb, read.index)],
-                                  tCrB[(None, None, kb, read.index)], acc)
-                        tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
-                    cute.nvgpu.warpgroup.commit_group()
-                    # keep one wgmma batch in flight: the stage read one step ago is free once it has retired
-                    cute.nvgpu.warpgroup.wait_group(1)
-                    read.advance()
-                    if k_tile > 0:
+                # pingpong: unit i of this CTA (the i-th of its list) belongs to warpgroup i % 2; a warpgroup enters
+                # its main loop once the other one has waited for every stage of its previous tile (named barrier
+                # 2 + wg), so no consumer ever waits more than one phase ahead of a stage's barrier
+                nwg = 2 if self.pingpong else 1
+                i = (u - bidx // cm) // (gdim // cm)
+                n_local = (units - bidx // cm + gdim // cm - 1) // (gdim // cm)
+                if i % nwg == wg % nwg:
+                    if cutlass.const_expr(self.pingpong):
+                        if i > 0:
+                            cute.arch.barrier(barrier_id=2 + wg, number_of_threads=self.mma_threads)
+                    tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
+                    for k_tile in cutlass.range(k_tiles, unroll=1):
+                        mainloop.consumer_wait(read)
+                        cute.nvgpu.warpgroup.fence()
+                        for kb in cutlass.range(num_k_blocks, unroll_full=True):
+                            cute.gemm(tiled_mma, acc, tCrA[(None, None, kb, read.index)],
+                                      tCrB[(None, None, kb, read.index)], acc)
+                            tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+                        cute.nvgpu.warpgroup.commit_group()
+                        # keep one wgmma batch in flight: the stage read one step ago is free once it has retired
+                        cute.nvgpu.warpgroup.wait_group(1)
+                        read.advance()
+                        if k_tile > 0:
+                            mainloop.consumer_release(release)
+                            release.advance()
+                    if cutlass.const_expr(self.pingpong):
+                        # every stage of this tile has arrived: the other warpgroup may start its main loop
+                        if i + 1 < n_local:
+                            cute.arch.barrier_arrive(barrier_id=3 - wg, number_of_threads=self.mma_threads)
+                    cute.nvgpu.warpgroup.wait_group(0)
+                    if k_tiles > 0:
                         mainloop.consumer_release(release)
                         release.advance()
-                cute.nvgpu.warpgroup.wait_group(0)
-                if k_tiles > 0:
-                    mainloop.consumer_release(release)
-                    release.advance()
 
-                # epilogue: bf16 through shared memory, one warpgroup's 64 rows at a time, then 16-byte row
-                # stores predicated on the expert's last row and on N. A TMA store cannot stop at the expert's
-                # last row (a tile may end inside the next expert, whose CTA writes those rows).
-                n_rem = cute.size(mD, mode=[1]) - pid_n * tn
-                for h in cutlass.range_constexpr(self.mma_warp_groups):
-                    cute.arch.barrier(barrier_id=1, number_of_threads=self.mma_threads)
-                    if wg == h:
-                        tCsD.store(acc.load().to(self.d_dtype))
-                    cute.arch.barrier(barrier_id=1, number_of_threads=self.mma_threads)
-                    gD = cute.local_tile(cute.domain_offset((m_start + h * 64, 0), mD), (64, tn), (0, pid_n))
-                    tDgD = thr_copy.partition_D(gD)
-                    for i in cutlass.range_constexpr(cute.size(tDgD, mode=[1])):
-                        for j in cutlass.range_constexpr(cute.size(tDgD, mode=[2])):
-                            crd = tDcD[(0, i, j)]
-                            if crd[0] + h * 64 < m_rem:
-                                if crd[1] < n_rem:
-                                    cute.copy(copy_atom, tDsD[(None, i, j)], tDgD[(None, i, j)])
+                    # epilogue: bf16 through shared memory, 64 rows at a time (cooperative: warpgroup h's rows;
+                    # pingpong: the warpgroup's M repeat h, in its own buffer), then 16-byte row stores predicated
+                    # on the expert's last row and on N. A TMA store cannot stop at the expert's last row (a tile
+                    # may end inside the next expert, whose CTA writes those rows).
+                    n_rem = cute.size(mD, mode=[1]) - pid_n * tn
+                    for h in cutlass.range_constexpr(tm // 64):
+                        cute.arch.barrier(barrier_id=4 + wg if self.pingpong else 1, number_of_threads=epi_threads)
+                        if cutlass.const_expr(self.pingpong):
+                            tCsD[(None, h, None)].store(acc[(None, h, None)].load().to(self.d_dtype))
+                        else:
+                            if wg == h:
+                                tCsD.store(acc.load().to(self.d_dtype))
+                        cute.arch.barrier(barrier_id=4 + wg if self.pingpong else 1, number_of_threads=epi_threads)
+                        gD = cute.local_tile(cute.domain_offset((m_start + h * 64, 0), mD), (64, tn), (0, pid_n))
+                        tDgD = thr_copy.partition_D(gD)
+                        for ci in cutlass.range_constexpr(cute.size(tDgD, mode=[1])):
+                            for cj in cutlass.range_constexpr(cute.size(tDgD, mode=[2])):
+                                crd = tDcD[(0, ci, cj)]
+                                if crd[0] + h * 64 < m_rem:
+                                    if crd[1] < n_rem:
+                                        cute.copy(copy_atom, tDsD[(None, ci, cj)], tDgD[(None, ci, cj)])
+                else:
+                    # the other warpgroup's tile: skip its stages
+                    for _k in cutlass.range(k_tiles, unroll=1):
+                        read.advance()
+                        release.advance()
         if warp_idx == self.producer_warp:
             # every stage's release seen (peers' arrives included) before this CTA may exit
             mainloop.producer_tail(prod)
@@ -288,5 +326,5 @@ def compile_for(params: dict):
     off = make_fake_compact_tensor(cutlass.Int32, (cute.sym_int32(),), assumed_align=4)
     toff = make_fake_compact_tensor(cutlass.Int32, (cute.sym_int32(),), assumed_align=4)
     g = MoEGroupedGemm(params["tile_m"], params["tile_n"], params["tile_k"], params["cluster_m"],
-                       params["cluster_n"])
+                       params["cluster_n"], params.get("schedule", "cooperative"))
     return cute.compile(g, a, b, d, off, toff, cuda.CUstream(0))

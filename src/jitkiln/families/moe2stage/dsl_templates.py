@@ -257,7 +257,7 @@ def render_dsl_unit(inst) -> str:
     prefix = f"jkg_{inst.digest[:12]}"
     spec = {"kernel": KERNEL_MODULE, "kernel_sha256": kernel_sha256(), "entry": "compile_for", "prefix": prefix,
             "params": {"dtype": inst.dtype, "tile_m": inst.tile_m, "tile_n": inst.tile_n, "tile_k": inst.tile_k,
-                       "cluster_m": inst.cluster_m, "cluster_n": inst.cluster_n}}
+                       "cluster_m": inst.cluster_m, "cluster_n": inst.cluster_n, "schedule": inst.schedule}}
     fields = dict(name=inst.name, symbol=inst.symbol, digest16=inst.digest[:16], prefix=prefix,
                   tile_m=inst.tile_m, cluster_m=inst.cluster_m)
     glue = (f"// jitkiln moe2stage instance (CuTe DSL GEMM): {inst.name}\n" + _COMMON
