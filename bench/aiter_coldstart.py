@@ -424,7 +424,8 @@ def main() -> int:
         "link_stubs": ("CPU torch ships no libc10_hip/libtorch_hip: empty stub libc10_hip.so, libtorch_hip.so, "
                        "libamdhip64.so in $ROCM_HOME/lib (made once with the same hipcc) serve both sides' link"),
         "max_jobs_note": ("AITER's check_and_set_ninja_worker would cap MAX_JOBS at int(0.8*cores) = 1 here; it is "
-                          "wrapped (and cpp_extension._get_num_workers, which caps again) to keep MAX_JOBS = cores for both sides (ninja -j2 / object cache 2 workers)"),
+                          "wrapped (and cpp_extension._get_num_workers, which caps again) to keep MAX_JOBS = cores for both "
+                          "sides (ninja -j2 / object cache 2 workers)"),
         "commands": {}, "scenarios": {},
     }
     try:

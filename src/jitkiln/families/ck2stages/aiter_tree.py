@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import JitkilnError
+from ...store import LAYOUT, default_root
 
 CODEGEN = "csrc/ck_gemm_moe_2stages_codegen"
 GENERATOR = "gen_instances.py"
@@ -141,9 +143,52 @@ def run_generator(tree: AiterTree, args: tuple[str, ...], arch: str, out_dir: Pa
                            details=tail)
 
 
+def _memo_file(tree: AiterTree, args: tuple[str, ...], arch: str) -> Path:
+    """Where a generator run's output is remembered across processes: keyed by the content of every file the
+    generator runs (its folder, and AITER's ``chip_info.py`` it imports), its arguments and the arch."""
+    h = hashlib.sha256(f"jitkiln-aiter-gen-v1\0{tree.fingerprint}\0{' '.join(args)}\0{arch}".encode())
+    for cand in ([tree.package / "jit" / "utils" / "chip_info.py"] if tree.package else []) + \
+            [tree.root / "aiter" / "jit" / "utils" / "chip_info.py"]:
+        if cand.is_file():
+            h.update(cand.read_bytes())
+            break
+    return default_root() / LAYOUT / "aiter-gen" / f"{h.hexdigest()}.json"
+
+
+def _remembered(path: Path, args: tuple[str, ...], arch: str) -> GeneratedBlob | None:
+    try:
+        d = json.loads(path.read_text())
+        blob = GeneratedBlob(args, arch, dict(d["instances"]), str(d["lookup"]),
+                             {int(k): str(v) for k, v in d["dispatch"].items()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return blob if blob.instances and len(blob.dispatch) == 2 else None
+
+
+def _remember(path: Path, blob: GeneratedBlob) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"instances": blob.instances, "lookup": blob.lookup, "dispatch": blob.dispatch}))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs running the generator again
+
+
 @functools.lru_cache(maxsize=64)
 def generate(tree: AiterTree, args: tuple[str, ...], arch: str) -> GeneratedBlob:
-    """Run the generator in a temporary folder and read back everything it wrote (memoised per process)."""
+    """What the tree's generator writes for ``args`` on ``arch``: remembered in the cache (by the content of the
+    generator's files) after one run in a temporary folder, and per process."""
+    memo = _memo_file(tree, args, arch)
+    blob = _remembered(memo, args, arch)
+    if blob is not None:
+        return blob
+    blob = _generate(tree, args, arch)
+    _remember(memo, blob)
+    return blob
+
+
+def _generate(tree: AiterTree, args: tuple[str, ...], arch: str) -> GeneratedBlob:
     with tempfile.TemporaryDirectory(prefix="jitkiln-ck2stages-gen-") as d:
         out = Path(d)
         run_generator(tree, args, arch, out)
