@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from case_counter import case_summary
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[1]
@@ -102,28 +103,7 @@ def demo_bundle(tmp_path_factory, demo_cache, keypair) -> Path:
 
 
 # summary: count this module's cases and how many held
-_COUNT = {"tried": 0, "held": 0}
-
-
-class _Counter:
-    """Counts this module's cases and prints ``bad-inputs: N cases tried, M held`` in the terminal summary (so the
-    line shows in a plain ``pytest -q`` run, after the results)."""
-
-    def pytest_runtest_logreport(self, report):
-        if report.when == "call" and Path(__file__).name in report.nodeid:
-            _COUNT["tried"] += 1
-            _COUNT["held"] += bool(report.passed)
-
-    def pytest_terminal_summary(self, terminalreporter):
-        terminalreporter.write_line(f"bad-inputs: {_COUNT['tried']} cases tried, {_COUNT['held']} held")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _summary(request):
-    name = f"counter-{__name__}"
-    if request.config.pluginmanager.get_plugin(name) is None:
-        request.config.pluginmanager.register(_Counter(), name)
-    yield
+_summary = case_summary("bad-inputs", __file__)
 
 
 # --- the table -------------------------------------------------------------------------------------------------

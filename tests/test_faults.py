@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from case_counter import case_summary
 
 PY = sys.executable
 HAVE_NVCC = shutil.which("nvcc") is not None
@@ -126,28 +127,7 @@ def bundle_a(tmp_path_factory, demo_cache, keys) -> Path:
 
 
 # summary ---------------------------------------------------------------------------------------------------------
-_COUNT = {"tried": 0, "held": 0}
-
-
-class _Counter:
-    """Counts this module's cases and prints ``faults: N cases tried, M held`` in the terminal summary (so the
-    line shows in a plain ``pytest -q`` run, after the results)."""
-
-    def pytest_runtest_logreport(self, report):
-        if report.when == "call" and Path(__file__).name in report.nodeid:
-            _COUNT["tried"] += 1
-            _COUNT["held"] += bool(report.passed)
-
-    def pytest_terminal_summary(self, terminalreporter):
-        terminalreporter.write_line(f"faults: {_COUNT['tried']} cases tried, {_COUNT['held']} held")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _summary(request):
-    name = f"counter-{__name__}"
-    if request.config.pluginmanager.get_plugin(name) is None:
-        request.config.pluginmanager.register(_Counter(), name)
-    yield
+_summary = case_summary("faults", __file__)
 
 
 def _root_ns() -> str | None:
