@@ -153,6 +153,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("family")
     ap.add_argument("--variant")
+    ap.add_argument("--stock-variant", help="scenarios a/b/g build this variant's stock module (e.g. bf16 against a "
+                                            "bf16-dsl plan: the C++ module a user builds today)")
     ap.add_argument("--model")
     ap.add_argument("--tp", default="1")
     ap.add_argument("--ep", default="1")
@@ -179,12 +181,21 @@ def main() -> int:
     for s in args.shape or []:
         plan_argv += ["--shape", s]
     plan = plan_from_args(build_parser().parse_args(["plan", *plan_argv]), require_compiler=True)
-    full = list(plan.family.candidates(plan.variant))
+    stock_plan = plan
+    if args.stock_variant and args.stock_variant != plan.variant:
+        sv = list(plan_argv)
+        if "--variant" in sv:
+            sv[sv.index("--variant") + 1] = args.stock_variant
+        else:
+            sv += ["--variant", args.stock_variant]
+        stock_plan = plan_from_args(build_parser().parse_args(["plan", *sv]), require_compiler=True)
+    full = list(stock_plan.family.candidates(stock_plan.variant))
     out_dir = Path(args.out_dir)
     pics = out_dir / f"coldstart-{args.tag}"
     pics.mkdir(parents=True, exist_ok=True)
     res: dict = {"command": "python bench/coldstart.py " + " ".join(sys.argv[1:]), "cores": os.cpu_count(),
                  "jobs": args.jobs, "host": os.uname().nodename, "family": plan.family.name, "variant": plan.variant,
+                 "stock_variant": stock_plan.variant,
                  "candidates": len(full), "planned": len(plan.units), "scenarios": {}}
     try:
         import torch  # noqa: F401
@@ -199,7 +210,7 @@ def main() -> int:
     def stock(tag, instances, launcher=None, env=None, build_dir=None):
         d = build_dir or work / tag
         shutil.rmtree(d, ignore_errors=True)
-        stockbuild.write_ninja(d, plan, instances, launcher)
+        stockbuild.write_ninja(d, stock_plan, instances, launcher)
         r = stockbuild.ninja_build(d, args.jobs, env)
         print(f"[{tag}] {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} CPU s, {len(instances)} units", flush=True)
         return r
@@ -207,12 +218,12 @@ def main() -> int:
     if "a" in want:
         r = stock("a_stock", full)
         sc["a_stock"] = {k: r[k] for k in ("wall_s", "cpu_s")} | {"units": len(full)}
-        png(stockbuild.as_record("stock full module", plan.variant, r["ninja_log"], r["wall_s"], args.jobs),
+        png(stockbuild.as_record("stock full module", stock_plan.variant, r["ninja_log"], r["wall_s"], args.jobs),
             pics / "a_stock.png")
     if "b" in want:
-        r = stock("b_pruned", plan.instances)
-        sc["b_pruned"] = {k: r[k] for k in ("wall_s", "cpu_s")} | {"units": len(plan.units)}
-        png(stockbuild.as_record("stock pruned module", plan.variant, r["ninja_log"], r["wall_s"], args.jobs,
+        r = stock("b_pruned", stock_plan.instances)
+        sc["b_pruned"] = {k: r[k] for k in ("wall_s", "cpu_s")} | {"units": len(stock_plan.units)}
+        png(stockbuild.as_record("stock pruned module", stock_plan.variant, r["ninja_log"], r["wall_s"], args.jobs,
                                  unused), pics / "b_pruned.png")
     cache_c = str(work / "cache_c")
     if want & {"c", "d", "e"}:
@@ -290,7 +301,7 @@ def main() -> int:
         g = {"cold_wall_s": cold["wall_s"], "warm_wall_s": warm["wall_s"], "warm_cpu_s": warm["cpu_s"],
              "ccache_stats": stats.strip().splitlines()[:8]}
         print(f"[g_ccache] cold {cold['wall_s']:.1f} s, warm {warm['wall_s']:.2f} s", flush=True)
-        scope = full if args.g_ranks_scope == "full" else plan.instances
+        scope = full if args.g_ranks_scope == "full" else stock_plan.instances
         if args.g_ranks == 0:  # cold and warm only
             sc["g_ccache"] = g
             scope = None
