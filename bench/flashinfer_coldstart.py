@@ -9,6 +9,11 @@ Modes (one per call; each prints one JSON line and appends it to --result):
   through FlashInfer (``get_cutlass_fused_moe_module``) and runs one call.
 * ``jitkiln-warm``: the module is already in place: a fresh process, import to first call.
 * ``jitkiln-seeded``: empty local cache, objects from JITKILN_SHARED_DIR (seeded by an earlier build): build + load.
+* ``jitkiln-bundle``: the module from a signed bundle (``jitkiln flashinfer seed``), then a fresh process loads it.
+
+Every load is a fresh process; its phases (torch import, FlashInfer import, module load + first call) are
+reported, and ``ready_after_imports_s`` = what jitkiln adds before the first call (seed or build) + the module
+load and first call, i.e. without the imports every FlashInfer user pays with or without a prebuilt module.
 * ``cpu-ratio``: no GPU needed: compiler CPU-seconds of the bf16 files (from the cache's records) against
   FlashInfer's whole module (per-kind means x counts), for the 2-core machine.
 """
@@ -26,9 +31,12 @@ import time
 from pathlib import Path
 
 LOAD = r"""
-import time, torch
+import json, time
 t0 = time.time()
+import torch
+t1 = time.time()
 from flashinfer.fused_moe import cutlass_fused_moe
+t2 = time.time()
 E, K, N, T = 8, 1024, 512, 16
 x = torch.randn(T, K, dtype=torch.bfloat16, device="cuda")
 w1 = torch.randn(E, 2 * N, K, dtype=torch.bfloat16, device="cuda") / K ** 0.5
@@ -37,7 +45,9 @@ ids = torch.randint(0, E, (T, 2), device="cuda", dtype=torch.int32)
 sc = torch.softmax(torch.randn(T, 2, device="cuda"), -1)
 out = cutlass_fused_moe(x, ids, sc, w1, w2, torch.bfloat16, quant_scales=None)
 torch.cuda.synchronize()
-print("READY_S", time.time() - t0)
+t3 = time.time()
+print(json.dumps({"import_torch_s": round(t1 - t0, 3), "import_flashinfer_s": round(t2 - t1, 3),
+                  "module_and_first_call_s": round(t3 - t2, 3)}))
 """
 
 
@@ -47,11 +57,13 @@ def sh(cmd, env=None, timeout=None):
     return p, time.monotonic() - t
 
 
-def load_time(env) -> float:
+def load_time(env) -> tuple[float, dict]:
+    """A fresh process: wall time to the first call's result, and its phases (torch import, FlashInfer import,
+    module load + first call: the part a prebuilt module changes)."""
     p, wall = sh([sys.executable, "-c", LOAD], env=env, timeout=3600)
     if p.returncode != 0:
         raise SystemExit(f"load failed: {p.stderr[-2000:]}")
-    return wall
+    return wall, json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def fi_cache(env) -> Path:
@@ -123,16 +135,32 @@ def mode_jitkiln(args, env, kind: str) -> dict:
             so.unlink()
         t0 = time.monotonic()
         p, _ = sh([sys.executable, "-m", "jitkiln.cli", "flashinfer", "build", "--dtype", "bf16", "--json"], env=env)
+        Path(args.result).with_name(f"flashinfer-build-{kind}.log").write_text(p.stderr)  # a line per file
         if p.returncode != 0:
             raise SystemExit(p.stderr[-3000:])
         build_s = time.monotonic() - t0
         info = json.loads(p.stdout.strip().splitlines()[-1])
     else:
         build_s, info = 0.0, {}
-    load_s = load_time(env)
+    load_s, phases = load_time(env)
     return {"mode": f"jitkiln-{kind}", "build_s": round(build_s, 1), "load_to_first_call_s": round(load_s, 2),
-            "total_s": round(build_s + load_s, 1),
+            "total_s": round(build_s + load_s, 1), "load_phases": phases,
+            "ready_after_imports_s": round(build_s + phases["module_and_first_call_s"], 2),
             **{k: info.get(k) for k in ("compiled", "cache_hits", "compiler_cpu_s", "stubbed")}}
+
+
+def mode_bundle(args, env) -> dict:
+    """Seeded from a signed bundle (`jitkiln flashinfer seed`): no compiler, no FlashInfer import to install."""
+    so = aot_so()
+    if so.exists():
+        so.unlink()
+    p, seed_s = sh([sys.executable, "-m", "jitkiln.cli", "flashinfer", "seed", args.bundle], env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"seed failed: {p.stderr[-2000:]}")
+    load_s, phases = load_time(env)
+    return {"mode": "jitkiln-bundle", "seed_s": round(seed_s, 2), "load_to_first_call_s": round(load_s, 2),
+            "total_s": round(seed_s + load_s, 2), "load_phases": phases,
+            "ready_after_imports_s": round(seed_s + phases["module_and_first_call_s"], 2)}
 
 
 def mode_cpu_ratio(args, env) -> dict:
@@ -165,7 +193,9 @@ def mode_cpu_ratio(args, env) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["flashinfer", "jitkiln-cold", "jitkiln-warm", "jitkiln-seeded", "cpu-ratio"])
+    ap.add_argument("mode", choices=["flashinfer", "jitkiln-cold", "jitkiln-warm", "jitkiln-seeded", "jitkiln-bundle",
+                                     "cpu-ratio"])
+    ap.add_argument("--bundle", help="jitkiln-bundle: the signed bundle (`jitkiln flashinfer prebuild -o`)")
     ap.add_argument("--budget", type=float, default=540)
     ap.add_argument("--result", default="bench/results/flashinfer-coldstart.jsonl")
     args = ap.parse_args()
@@ -175,6 +205,8 @@ def main() -> None:
         r = mode_flashinfer(args, env)
     elif args.mode == "cpu-ratio":
         r = mode_cpu_ratio(args, env)
+    elif args.mode == "jitkiln-bundle":
+        r = mode_bundle(args, env)
     else:
         r = mode_jitkiln(args, env, args.mode.split("-")[1])
     r["host_cores"] = os.cpu_count()

@@ -3,6 +3,7 @@ the ``jitkiln flashinfer cc`` launcher), stubs for what a trimmed module does no
 from __future__ import annotations
 
 import ctypes
+import json
 import importlib.util
 import os
 import shutil
@@ -139,6 +140,34 @@ def test_same_command_compiles_once_and_survives_moves_and_mtimes(tmp_path):
 
 
 @needs_cxx
+def test_a_second_machine_takes_each_file_from_the_shared_dir(tmp_path):
+    """What `jitkiln flashinfer build` does on a seeded machine: every object from the fleet's shared directory
+    (signed by the builder, checked here), none compiled; a tampered shared entry costs one compile."""
+    pytest.importorskip("cryptography")
+    from jitkiln.fleet.config import store_from_env
+    from jitkiln.fleet.signing import generate_keypair
+    key, pub, _ = generate_keypair(tmp_path / "k")
+    env = {"JITKILN_SHARED_DIR": str(tmp_path / "shared"), "JITKILN_SIGNING_KEY": str(key),
+           "JITKILN_TRUST_KEYS": str(pub)}
+    a = _project(tmp_path / "src")
+    o1 = objcache.compile_cached(_argv(a, tmp_path / "o1.o"), store_from_env(tmp_path / "m1", env))
+    assert o1.status == "compiled"
+    reader = dict(env)
+    del reader["JITKILN_SIGNING_KEY"]  # the second machine only reads
+    o2 = objcache.compile_cached(_argv(a, tmp_path / "o2.o"), store_from_env(tmp_path / "m2", reader))
+    assert o2.status == "hit" and o2.key == o1.key
+    assert (tmp_path / "o2.o").read_bytes() == (tmp_path / "o1.o").read_bytes()
+    for f in (tmp_path / "shared").rglob("*"):  # flip a byte of every artifact in the shared dir
+        if f.is_file() and f.stat().st_size > 64 and f.suffix not in (".json", ".sig"):
+            b = bytearray(f.read_bytes())
+            b[len(b) // 2] ^= 0xFF
+            f.write_bytes(bytes(b))
+    o3 = objcache.compile_cached(_argv(a, tmp_path / "o3.o"), store_from_env(tmp_path / "m3", reader))
+    assert o3.status == "compiled"
+    assert (tmp_path / "o3.o").read_bytes() == (tmp_path / "o1.o").read_bytes()
+
+
+@needs_cxx
 def test_normalized_command_has_no_paths(tmp_path):
     a = _project(tmp_path / "p")
     cmd = objcache.Command.parse(_argv(a, tmp_path / "x.o"))
@@ -233,3 +262,66 @@ def test_cli_errors_are_one_line():
     assert rc == 2
     first = buf.getvalue().splitlines()[0]
     assert first.startswith("jitkiln: error: ") and "Traceback" not in buf.getvalue()
+
+
+# --- signed module bundle: prebuild here, seed there ------------------------------------------------------------
+def _fake_package(tmp_path: Path) -> Path:
+    pkg = tmp_path / "site" / "flashinfer"
+    (pkg / "data" / "csrc").mkdir(parents=True)
+    (pkg / "data" / "csrc" / "binding.cu").write_text("// the binding\n")
+    return pkg
+
+
+def test_seed_checks_everything_before_installing(tmp_path, monkeypatch):
+    pytest.importorskip("cryptography")
+    import hashlib
+    from jitkiln.fleet import modbundle
+    from jitkiln.fleet.signing import generate_keypair
+    from jitkiln.flashinfer import bundle, source
+    key, pub, _ = generate_keypair(tmp_path / "k")
+    other, other_pub, _ = generate_keypair(tmp_path / "other")
+    pkg = _fake_package(tmp_path)
+    monkeypatch.setattr(source, "package_dir", lambda: pkg)
+    monkeypatch.setattr(source, "flashinfer_version", lambda: "0.7.2.post1")
+    monkeypatch.delenv("JITKILN_TRUST_KEYS", raising=False)
+    so = b"\x7fELF" + os.urandom(4096)
+
+    def make(name="b", version="0.7.2.post1", binding=None, signer=key, so_bytes=so):
+        man = {"format": bundle.FORMAT, "version": bundle.VERSION, "module": "fused_moe_90", "flashinfer": version,
+               "arch": "sm_90a", "deployment": {"act": "bf16"}, "side": {"files": 31},
+               "sources": {"data/csrc/binding.cu": binding or hashlib.sha256(b"// the binding\n").hexdigest()}}
+        return modbundle.write(tmp_path / name, man, "fused_moe_90.so", so_bytes, str(signer))
+
+    target = pkg / "data" / "aot" / "fused_moe_90" / "fused_moe_90.so"
+    good = make()
+    with pytest.raises(modbundle.BundleRefused, match="no trusted keys"):
+        bundle.seed(good)
+    with pytest.raises(modbundle.BundleRefused, match="signature|trusted"):
+        bundle.seed(make("signed-by-other", signer=other), [str(pub)])
+    with pytest.raises(modbundle.BundleRefused, match="built for FlashInfer 0.6.0"):
+        bundle.seed(make("old", version="0.6.0"), [str(pub)])
+    with pytest.raises(modbundle.BundleRefused, match="binding.cu has other content"):
+        bundle.seed(make("src", binding="0" * 64), [str(pub)])
+    raw = bytearray(Path(good).read_bytes())  # flip a byte inside the module's tar member
+    i = raw.index(so[100:132])
+    raw[i] ^= 0xFF
+    (tmp_path / "tampered").write_bytes(bytes(raw))
+    with pytest.raises(modbundle.BundleRefused, match="signed digest"):
+        bundle.seed(str(tmp_path / "tampered"), [str(pub)])
+    assert not target.exists()  # nothing refused was written
+    r = bundle.seed(good, [str(pub), str(other_pub)])
+    assert r["installed"] == str(target) and target.read_bytes() == so
+    assert json.loads(target.with_suffix(".jitkiln.json").read_text())["files"] == 31
+    assert not [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_seed_cli_is_one_line(tmp_path):
+    from jitkiln.cli import main
+    import io
+    import contextlib
+    (tmp_path / "junk").write_bytes(b"not a tar")
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        rc = main(["flashinfer", "seed", str(tmp_path / "junk")])
+    assert rc == 8
+    assert buf.getvalue().startswith("jitkiln: error: ") and "Traceback" not in buf.getvalue()

@@ -17,27 +17,20 @@ and writes the plan file for ``JITKILN_AITER_PLAN``. AITER then imports the modu
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import inspect
-import io
 import json
 import os
-import tarfile
 import time
 from pathlib import Path
 
 from ..errors import JitkilnError, UsageError
-from ..fleet import signing
+from ..fleet import modbundle
+from ..fleet.modbundle import BundleRefused  # noqa: F401 - part of this module's API
 from .tree import AiterHookError, jit_dir, package_root, resolve_arch
 
 FORMAT = "jitkiln-aiter-bundle"
 VERSION = 1
-MAX_SO = 4 << 30
-
-
-class BundleRefused(JitkilnError):
-    exit_code = 8
 
 
 def _torch_version() -> str:
@@ -123,80 +116,25 @@ def prebuild(plan: dict, *, variant: str = "a4w4", arch: str | None = None, out:
            "plan": {**st.spec.plan, "variant": st.spec.variant, "arch": st.spec.arch, "policy": st.spec.policy},
            "instances": st.spec.instances, "aiter": {"version": st.spec.aiter_version,
                                                      "generator_fingerprint": st.spec.generator_fingerprint},
-           "torch": _torch_version(), "so": {"name": so.name, "sha256": hashlib.sha256(data).hexdigest(),
-                                             "size": len(data)}, "created": time.time()}
+           "torch": _torch_version(), "created": time.time()}  # modbundle adds the .so's name, digest, size
     result = {"so": str(so), "md_name": so.stem, "module_key": st.spec.module_key,
               "instances": st.spec.instances}
     if out:
-        sg = signing
-        path = key or os.environ.get("JITKILN_SIGNING_KEY")
-        if not path:
-            raise UsageError("a bundle must be signed, and no signing key was given",
-                             hint="create one with `jitkiln keygen -o KEY`, then pass --key KEY or set "
-                                  "JITKILN_SIGNING_KEY")
-        signer = sg.Signer.from_file(path)
-        mbytes = json.dumps(man, indent=2, sort_keys=True).encode()
-        sig = json.dumps(signer.sign_bytes(mbytes)).encode()
-        tmp = Path(f"{out}.{os.getpid()}.tmp")
-        with tarfile.open(tmp, "w") as tf:
-            for name, blob in (("manifest.json", mbytes), ("manifest.sig", sig), (so.name, data)):
-                ti = tarfile.TarInfo(name)
-                ti.size, ti.mode, ti.mtime = len(blob), 0o644, int(man["created"])
-                tf.addfile(ti, io.BytesIO(blob))
-        os.replace(tmp, out)
+        modbundle.write(out, man, so.name, data, key)
         result["bundle"] = str(out)
     return result
 
 
 def read_bundle(path: str, trust) -> tuple[dict, bytes]:
     """Check a bundle completely; returns (manifest, .so bytes). Writes nothing."""
-    sg = signing
-    try:
-        tf = tarfile.open(path, "r:")
-    except (OSError, tarfile.TarError) as e:
-        raise BundleRefused(f"{path} is not a jitkiln AITER bundle ({e})") from None
-    files: dict[str, bytes] = {}
-    with tf:
-        for m in tf.getmembers():
-            if not m.isreg() or "/" in m.name or m.name.startswith(".") or m.name in files:
-                raise BundleRefused(f"{path}: unexpected member {m.name!r} (only manifest.json, manifest.sig and "
-                                    "one .so are allowed)")
-            if m.size > MAX_SO:
-                raise BundleRefused(f"{path}: member {m.name} is too large ({m.size} bytes)")
-            files[m.name] = tf.extractfile(m).read()
-    if "manifest.json" not in files or "manifest.sig" not in files:
-        raise BundleRefused(f"{path}: manifest.json or manifest.sig is missing")
-    try:
-        sig = json.loads(files["manifest.sig"])
-        man = json.loads(files["manifest.json"])
-    except ValueError as e:
-        raise BundleRefused(f"{path}: malformed manifest ({e})") from None
-    if not trust:
-        raise BundleRefused("no trusted keys: set JITKILN_TRUST_KEYS (or --trust) to the builders' .pub files",
-                            hint="a bundle is only installed when its signature verifies")
-    try:
-        trust.verify_bytes(files["manifest.json"], sig, f"bundle {path}")
-    except sg.SignatureError as e:
-        raise BundleRefused(str(e), hint=e.hint) from None
-    if man.get("format") != FORMAT or man.get("version") != VERSION:
-        raise BundleRefused(f"{path}: format {man.get('format')} v{man.get('version')}, expected {FORMAT} v{VERSION}")
-    so_name = man.get("so", {}).get("name", "")
-    extra = set(files) - {"manifest.json", "manifest.sig", so_name}
-    if so_name not in files or extra or so_name != f"{man.get('md_name')}.so":
-        raise BundleRefused(f"{path}: members {sorted(files)} do not match the manifest's module {so_name}")
-    data = files[so_name]
-    if hashlib.sha256(data).hexdigest() != man["so"].get("sha256") or len(data) != man["so"].get("size"):
-        raise BundleRefused(f"{path}: {so_name} does not match its signed digest")
+    man, data = modbundle.read(path, trust, FORMAT, VERSION, "AITER")
+    if man["so"]["name"] != f"{man.get('md_name')}.so":
+        raise BundleRefused(f"{path}: the module {man['so']['name']} is not the manifest's {man.get('md_name')}.so")
     return man, data
 
 
 def seed(path: str, *, trust_paths=None, arch: str | None = None, dest_dir: str | None = None) -> dict:
-    sg = signing
-    trust = sg.TrustStore.from_paths(os.environ.get("JITKILN_TRUST_KEYS"))
-    for t in trust_paths or []:
-        for kid, raw in sg.TrustStore.from_paths([t]).keys.items():
-            trust.add(raw, t)
-    man, data = read_bundle(path, trust)
+    man, data = read_bundle(path, modbundle.trust(trust_paths))
     try:
         here_arch = resolve_arch(arch)
     except JitkilnError as e:
@@ -223,10 +161,7 @@ def seed(path: str, *, trust_paths=None, arch: str | None = None, dest_dir: str 
                             hint="the tuned configs (AITER_CONFIG_FMOE, CU_NUM) differ from the builder's")
     dest = Path(dest_dir) if dest_dir else jit_dir()
     dest.mkdir(parents=True, exist_ok=True)
-    target = dest / f"{man['md_name']}.so"
-    tmp = dest / f".{target.name}.{os.getpid()}.tmp"
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    target = modbundle.install(data, dest / f"{man['md_name']}.so")
     pdir = dest / "jitkiln"
     pdir.mkdir(exist_ok=True)
     plan_path = pdir / f"{man['md_name']}.plan.json"

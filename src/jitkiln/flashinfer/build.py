@@ -16,7 +16,9 @@ from ..build import available_memory, default_jobs
 from ..errors import JitkilnError, StoreError
 from . import link, objcache, planner, source
 
-DEFAULT_MEM = {"cuda": 6 << 30, "cxx": 1 << 30}  # FlashInfer's largest fused-MoE units peak near 7.5 GB
+# expected peak memory before a file's first compile records its own: FlashInfer's generated CUTLASS files peaked
+# at 5.3-7.7 GB (nvcc 13.0, sm_90a), its hand-written .cu files lower
+DEFAULT_MEM = {"generated": int(7.5 * 2**30), "cuda": 4 << 30, "cxx": 1 << 30}
 DEFAULT_S = {"generated": 190.0, "runner": 120.0, "blockscale": 120.0, "support": 60.0}
 
 
@@ -42,6 +44,17 @@ class MemoryGate:
             self.cond.notify_all()
 
 
+def measured_costs(version: str) -> dict[str, dict]:
+    """Per-file compile costs measured on a reference build of this FlashInfer version (``costs/<version>.json``,
+    written by scripts/flashinfer_costs.py); {} when none was measured. They order a cold build (longest first)
+    and admit compiles by expected memory; a cost this cache recorded itself takes precedence."""
+    p = Path(__file__).with_name("costs") / f"{version}.json"
+    try:
+        return json.loads(p.read_text()).get("files", {})
+    except (OSError, ValueError):
+        return {}
+
+
 def build(plan: planner.Plan, src: source.ModuleSource, store, jobs: int | None = None, out: str | None = None,
           progress: bool = True) -> dict:
     jobs = jobs or default_jobs()
@@ -59,6 +72,7 @@ def build(plan: planner.Plan, src: source.ModuleSource, store, jobs: int | None 
     bdir = Path(tempfile.mkdtemp(prefix=f"{src.name}-", dir=str(store.root / "tmp")))
     t0 = time.monotonic()
     items = []
+    costs = measured_costs(src.version)
     for f in plan.needed:
         e = src.compiles[f.source]
         argv = list(e.argv)
@@ -67,8 +81,10 @@ def build(plan: planner.Plan, src: source.ModuleSource, store, jobs: int | None 
         kind = "cuda" if e.rule == "cuda_compile" else "cxx"
         cmd, fp, root, ukey, labels = objcache.prepare(argv)
         rec = store.recorded_costs(ukey)
-        exp_s = rec[0] if rec else DEFAULT_S.get(f.kind, 60.0) * (1 if kind == "cuda" else 0.05)
-        exp_m = (rec[1] if rec and rec[1] else DEFAULT_MEM[kind])
+        ref = costs.get(f.name, {})
+        exp_s = rec[0] if rec else ref.get("cpu_s") or DEFAULT_S.get(f.kind, 60.0) * (1 if kind == "cuda" else 0.05)
+        exp_m = (rec[1] if rec and rec[1] else ref.get("peak_rss")
+                 or DEFAULT_MEM["generated" if f.kind == "generated" and kind == "cuda" else kind])
         items.append((f, argv, obj, exp_s, exp_m))
     items.sort(key=lambda it: -it[3])  # longest first
     gate = MemoryGate()

@@ -1,4 +1,4 @@
-"""``jitkiln flashinfer plan|build|cc``."""
+"""``jitkiln flashinfer plan|build|prebuild|seed|cc``."""
 from __future__ import annotations
 
 import argparse
@@ -55,13 +55,30 @@ def cmd_build(args) -> int:
     from ..fleet.config import store_from_env
     from . import build
     src, p = _plan(args)
-    s = build.build(p, src, store_from_env(), jobs=args.jobs, out=args.out, progress=not args.json)
+    s = build.build(p, src, store_from_env(), jobs=args.jobs, out=args.out)  # progress: stderr
     if args.json:
         print(json.dumps({k: v for k, v in s.items() if k != "results"}))
     else:
         print(f"{s['module']} for {p.deployment.label}: {s['files']} files ({s['compiled']} compiled, "
               f"{s['cache_hits']} from the cache), {s['stubbed']} symbols stubbed, {s['wall_s']} s; "
               f"FlashInfer loads it from {s['path']}")
+    return 0
+
+
+def cmd_prebuild(args) -> int:
+    from ..fleet.config import store_from_env
+    from . import bundle
+    src, p = _plan(args)
+    r = bundle.prebuild(p, src, store_from_env(), args.output, key=args.key, jobs=args.jobs)
+    print(json.dumps(r) if args.json else f"{r['bundle']}: {r['module']} for {p.deployment.label}, {r['files']} "
+          f"files ({r['compiled']} compiled, {r['cache_hits']} from the cache), signed")
+    return 0
+
+
+def cmd_seed(args) -> int:
+    from . import bundle
+    r = bundle.seed(args.bundle, args.trust)
+    print(f"installed {r['installed']} ({r['module']}); FlashInfer loads it with no compile")
     return 0
 
 
@@ -75,7 +92,8 @@ def add_cli(sub) -> None:
                                           "a caching compiler launcher for FlashInfer's JIT")
     s = p.add_subparsers(dest="fi_cmd")
     for name, fn, hlp in (("plan", cmd_plan, "the files a deployment needs, and why every other one is left out"),
-                          ("build", cmd_build, "compile them once, link with stubs, place the prebuilt module")):
+                          ("build", cmd_build, "compile them once, link with stubs, place the prebuilt module"),
+                          ("prebuild", cmd_prebuild, "build the module and write it as a signed bundle")):
         q = s.add_parser(name, help=hlp)
         q.add_argument("--model", help="HF config.json (or its folder) or a known model name")
         q.add_argument("--dtype", help="bf16 | fp16 | fp32 | fp8 | fp8-block | act=A,weight=W,out=O[,quant=Q]")
@@ -83,10 +101,18 @@ def add_cli(sub) -> None:
         q.add_argument("--ep", type=int, default=1)
         q.add_argument("--arch", default="sm_90a")
         q.add_argument("--json", action="store_true")
-        if name == "build":
+        if name != "plan":
             q.add_argument("--jobs", type=int, default=None)
+        if name == "build":
             q.add_argument("--out", help="write DIR/<module>/<module>.so instead of FlashInfer's data/aot")
+        if name == "prebuild":
+            q.add_argument("-o", "--output", required=True, help="the bundle to write")
+            q.add_argument("--key", help="signing key (default $JITKILN_SIGNING_KEY)")
         q.set_defaults(fn=fn)
+    q = s.add_parser("seed", help="install a signed module bundle where FlashInfer loads prebuilt modules")
+    q.add_argument("bundle")
+    q.add_argument("--trust", action="append", help="a trusted .pub (added to $JITKILN_TRUST_KEYS)")
+    q.set_defaults(fn=cmd_seed)
     q = s.add_parser("cc", help="compiler launcher: FLASHINFER_NVCC_LAUNCHER='jitkiln flashinfer cc'")
     q.add_argument("command", nargs=argparse.REMAINDER)
     q.set_defaults(fn=cmd_cc)
