@@ -362,4 +362,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jitkiln.errors import JitkilnError
+    try:
+        sys.exit(main())
+    except JitkilnError as e:
+        print(f"coldstart: error: {e}" + (f"\nhint: {e.hint}" if getattr(e, "hint", None) else ""), file=sys.stderr)
+        sys.exit(2)

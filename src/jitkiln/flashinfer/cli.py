@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from ..cliargs import positive_int
 from ..errors import UsageError
 
 
@@ -102,7 +103,7 @@ def add_cli(sub) -> None:
         q.add_argument("--arch", default="sm_90a")
         q.add_argument("--json", action="store_true")
         if name != "plan":
-            q.add_argument("--jobs", type=int, default=None)
+            q.add_argument("--jobs", type=positive_int, default=None)
         if name == "build":
             q.add_argument("--out", help="write DIR/<module>/<module>.so instead of FlashInfer's data/aot")
         if name == "prebuild":
