@@ -2,8 +2,9 @@
 the ``cutedsl`` compiler (:mod:`jitkiln.compilers.cutedsl`: a JSON header line, then files).
 
 Same C ABI as the CUTLASS units (:mod:`.templates`: stage 1 and stage 2 launchers, workspace protocol, error
-codes, no host synchronisation); bf16 only. The routing, gather, activation and combine kernels are the same
-CUDA code, compiled by nvcc without CUTLASS (``glue.cu``); ``tile_offsets`` numbers each expert's M tiles for
+codes, no host synchronisation); bf16 only. The routing kernels are the CUTLASS units' own text
+(:data:`.templates.COUNT_SCAN`); gather, activation and combine are their bf16 forms; all compiled by nvcc
+without CUTLASS (``glue.cu``); ``tile_offsets`` numbers each expert's M tiles for
 the DSL kernel (padded to the cluster's M size). ``bridge.c`` calls the exported DSL kernel through the header
 ``export_to_c`` writes (the module is loaded once per process, on first use).
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+
+from .templates import COUNT_SCAN
 
 KERNEL_MODULE = "jitkiln.families.moe2stage.dsl_gemm"
 KERNEL_FILE = Path(__file__).with_name("dsl_gemm.py")
@@ -78,33 +81,7 @@ extern "C" __attribute__((visibility("default"))) const char* jk_name_@@digest16
 
 _STAGE1 = r"""
 namespace {
-__global__ void count_rows(const int32_t* __restrict__ ids, int n, int E, int32_t* __restrict__ counts,
-                           int32_t* __restrict__ rank) {
-  int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  int e = ids[i];
-  rank[i] = (e >= 0 && e < E) ? atomicAdd(&counts[e], 1) : -1;
-}
-__global__ void scan_counts(const int32_t* __restrict__ counts, int E, int32_t* __restrict__ offsets) {
-  __shared__ int32_t part[1024];
-  int tid = threadIdx.x;
-  int per = (E + 1023) / 1024;
-  int lo = tid * per, hi = min(E, lo + per);
-  int s = 0;
-  for (int e = lo; e < hi; ++e) s += counts[e];
-  part[tid] = s;
-  __syncthreads();
-  for (int d = 1; d < 1024; d <<= 1) {
-    int v = tid >= d ? part[tid - d] : 0;
-    __syncthreads();
-    part[tid] += v;
-    __syncthreads();
-  }
-  int run = part[tid] - s;
-  for (int e = lo; e < hi; ++e) { offsets[e] = run; run += counts[e]; }
-  if (tid == 1023) offsets[E] = part[1023];
-}
-__global__ void gather_rows(const __nv_bfloat16* __restrict__ x, const int32_t* __restrict__ ids,
+""" + COUNT_SCAN + r"""__global__ void gather_rows(const __nv_bfloat16* __restrict__ x, const int32_t* __restrict__ ids,
                             const float* __restrict__ topk_w, const int32_t* __restrict__ rank,
                             const int32_t* __restrict__ offsets, int topk, int H, int32_t* __restrict__ sorted_pos,
                             float* __restrict__ w_sorted, __nv_bfloat16* __restrict__ xs) {

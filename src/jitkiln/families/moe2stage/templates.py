@@ -372,13 +372,9 @@ __device__ __forceinline__ float quant_block4(const float (&v)[4], ElementA* dst
 )
 
 
-# stage 1: routing, gather, grouped GEMM, activation
-_STAGE1 = (
-    r"""
-namespace {
-namespace jk {
-
-// (t, k) -> rank of this row inside its expert; counts per expert.
+# routing kernels every moe2stage unit shares (the CuTe DSL glue includes the same text): (t, k) -> rank inside
+# its expert and per-expert counts; the exclusive scan of the counts into row offsets
+COUNT_SCAN = r"""// (t, k) -> rank of this row inside its expert; counts per expert.
 __global__ void count_rows(const int32_t* __restrict__ ids, int n, int E, int32_t* __restrict__ counts,
                            int32_t* __restrict__ rank) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -407,7 +403,16 @@ __global__ void scan_counts(const int32_t* __restrict__ counts, int E, int32_t* 
   for (int e = lo; e < hi; ++e) { offsets[e] = run; run += counts[e]; }
   if (tid == 1023) offsets[E] = part[1023];
 }
+"""
 
+
+# stage 1: routing, gather, grouped GEMM, activation
+_STAGE1 = (
+    r"""
+namespace {
+namespace jk {
+
+""" + COUNT_SCAN + r"""
 """,
     (  # bf16 / fp8 | fp8b128
         r"""// One block per (t, k): its sorted row, its routing weight, and the (quantized) copy of x[t].
