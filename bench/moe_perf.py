@@ -35,9 +35,13 @@ SHAPES = {
     # name: (hidden, inter_dim per rank, local experts, global experts, topk)
     "kimi-k2 tp8": (7168, 2048 // 8, 384, 384, 8),
     "kimi-k2 ep8": (7168, 2048, 384 // 8, 384, 8),
-    "qwen3-moe": (4096, 1536, 128, 128, 8),
+    "qwen3-moe": (4096, 1536, 128, 128, 8),  # Qwen3-235B-A22B at tp 1
+    "small-moe": (2048, 768 // 4, 128, 128, 8),  # Qwen3-30B-A3B at tp 4 (vLLM ships a tuned H200 config)
+    "qwen3-30b": (2048, 768, 128, 128, 8),  # Qwen3-30B-A3B at tp 1 (tuned H200 config)
+    "mixtral tp8": (4096, 14336 // 8, 8, 8, 2),  # Mixtral-8x7B at tp 8: few large experts, top-2 (tuned config)
 }
 TOKENS = (1, 16, 64, 512, 4096, 16384)
+ALL_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 def routing(T, E_local, E_global, k, dev, gen):
@@ -120,7 +124,10 @@ def _time(step, reps):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default="build/moe")
-    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma list, or 'all' (1, 2, 4 .. 16384)")
+    ap.add_argument("--vllm", default="", help="time vLLM's Triton fused MoE too, from this folder "
+                    "(scripts/vllm_fetch.sh; see bench/vllm_moe.py for what is and is not timed)")
+    ap.add_argument("--no-grouped-mm", action="store_true", help="skip the torch grouped_mm peer")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--no-loop", action="store_true")
@@ -134,6 +141,13 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--md")
     a = ap.parse_args()
+    if a.tokens == "all":
+        a.tokens = ",".join(map(str, ALL_TOKENS))
+    vl = None
+    if a.vllm:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from vllm_moe import load as load_vllm
+        vl = load_vllm(a.vllm)
     from moe_build import ForcedModule, build
     mod, _ = build("bf16", a.build, verbose=False)
     mod8 = build("fp8", a.build, verbose=False)[0] if a.fp8 else None
@@ -158,6 +172,16 @@ def main():
     ms_mm, _ = _time(lambda j: m @ n, 10)  # noqa: F821
     peak_tf = 2 * 8192 ** 3 / ms_mm / 1e9
     del m, n  # noqa: F821
+    meta = {"device": props.name, "sms": props.multi_processor_count, "copy_gbs": copy_bw, "peak_tflops": peak_tf,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "command": " ".join(sys.argv)}
+    if vl is not None:
+        import triton
+        meta["vllm"] = {"version": vl.version, "triton": triton.__version__,
+                        "timed": "fused_moe_kernel (W13), silu_and_mul (one Triton pass), cache3 zeroing (ep only), "
+                                 "fused_moe_kernel (W2, routed weights), top-k sum (torch.sum)",
+                        "not timed": "moe_align_block_size (sorted ids / expert ids, computed before the graph)"}
+    if dsl_info:
+        meta["dsl_load"] = dsl_info
     rows_out = []
     print(f"device {props.name}, {props.multi_processor_count} SMs, copy bandwidth {copy_bw:.0f} GB/s, "
           f"bf16 8192^3 matmul {peak_tf:.0f} TFLOP/s", flush=True)
@@ -193,6 +217,22 @@ def main():
             res["instances"] = {s: i.name for s, i in sel.items()}
             jk = lambda i: fused_moe(xs[i], w13, w2, rts[i][1], rts[i][0], out=outs[i], module=mod, ep=ep)  # noqa
             res["jitkiln_ms"], res["jitkiln_spread"] = time_graph(jk, range(n_in), a.reps)
+            if vl is not None:  # same inputs, same process, right after jitkiln
+                cfg, src = vl.config(T, E, I, H, k, props.name)
+                res["vllm_config"], res["vllm_config_source"] = cfg, src
+                asg = [vl.assign(r[0], cfg["BLOCK_SIZE_M"], Eg, ep) for r in rts]  # untimed (vLLM's align op)
+                cch = [vl.caches(T, k, H, I, dev) for _ in range(n_in)]
+                vouts = [torch.empty(T, H, dtype=torch.bfloat16, device=dev) for _ in range(n_in)]
+                vr = lambda i: vl.run(xs[i], w13, w2, rts[i][1], rts[i][0], asg[i], cfg, cch[i], vouts[i], ep)  # noqa
+                res["vllm_ms"], res["vllm_spread"] = time_graph(vr, range(n_in), a.reps)
+                res["vs_vllm"] = res["vllm_ms"] / res["jitkiln_ms"]
+                vo = vr(0).double()
+                jo0 = fused_moe(xs[0], w13, w2, rts[0][1], rts[0][0], module=mod, ep=ep).double()
+                res["vllm_rel_diff_vs_jitkiln"] = ((vo - jo0).norm() / jo0.norm().clamp_min(1e-30)).item()
+                print(f"   vllm {res['vllm_ms']:.4f} ms ({src}: M{cfg['BLOCK_SIZE_M']} N{cfg['BLOCK_SIZE_N']} "
+                      f"K{cfg['BLOCK_SIZE_K']}) vs jitkiln {res['jitkiln_ms']:.4f} ms: x{res['vs_vllm']:.2f}, "
+                      f"rel diff {res['vllm_rel_diff_vs_jitkiln']:.1e}", flush=True)
+                del cch, vouts
             if mod8 is not None:
                 j8 = lambda i: fused_moe(xs[i], q13, q2, rts[i][1], rts[i][0], out=outs[i], module=mod8, ep=ep,  # noqa
                                          a_scale=a1, w13_scale=s13, a2_scale=a2, w2_scale=s2)
@@ -247,6 +287,8 @@ def main():
                 print("   kernels: " + "; ".join(f"{k} {v:.3f}" for k, v in res["kernels_ms"].items()))
             gm = lambda i: peer_grouped_mm(xs[i], w13, w2, rts[i][1], rts[i][0], masked)  # noqa
             try:
+                if a.no_grouped_mm:
+                    raise RuntimeError("skipped (--no-grouped-mm)")
                 res["grouped_mm_ms"], res["grouped_mm_spread"] = time_graph(gm, range(n_in), a.reps)
             except Exception as e:  # noqa: BLE001
                 res["grouped_mm_error"] = repr(e)[:200]
@@ -264,12 +306,15 @@ def main():
             res["of_floor"] = res["floor_ms"] / ms
             res["weights_gbs"] = wbytes / ms / 1e6
             res["weights_bw_frac"] = res["weights_gbs"] / copy_bw
-            peers = [res[p] for p in ("grouped_mm_ms", "loop_ms") if p in res]
+            peers = [res[p] for p in ("grouped_mm_ms", "loop_ms", "vllm_ms") if p in res]
             best = min(peers) if peers else float("nan")
             res["vs_grouped_mm"] = res.get("grouped_mm_ms", float("nan")) / ms
             res["vs_loop"] = res.get("loop_ms", float("nan")) / ms
             res["vs_best_peer"] = best / ms
             rows_out.append(res)
+            if a.json:  # after every row: a run cut short keeps what it measured
+                with open(a.json, "w") as f:
+                    json.dump({"meta": meta, "rows": rows_out}, f, indent=1)
             print(f"{sname:12s} T={T:6d} jk {ms:8.3f} ms {res['tflops']:6.1f} TF/s {res['weights_gbs']:7.0f} GB/s"
                   f" | gmm {res.get('grouped_mm_ms', float('nan')):8.3f} loop {res.get('loop_ms', float('nan')):8.3f}"
                   f" | x{res['vs_best_peer']:.2f} best peer  diff {res['rel_diff_vs_grouped_mm']:.1e}"
@@ -281,10 +326,6 @@ def main():
         if modb is not None:
             del b13, b2
         torch.cuda.empty_cache()
-    meta = {"device": props.name, "sms": props.multi_processor_count, "copy_gbs": copy_bw, "peak_tflops": peak_tf,
-            "torch": torch.__version__, "cuda": torch.version.cuda, "command": " ".join(sys.argv)}
-    if dsl_info:
-        meta["dsl_load"] = dsl_info
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"meta": meta, "rows": rows_out}, f, indent=1)
@@ -321,6 +362,33 @@ def markdown(meta, rows):
                      f"{r.get('grouped_mm_ms', float('nan')):.3f} | {r.get('loop_ms', float('nan')):.3f} | "
                      f"{r['vs_grouped_mm']:.2f} | {r['vs_loop']:.2f} | {r['floor_ms']:.3f} | "
                      f"{100 * r['of_floor']:.0f}% | {f8:.3f} | {r['jitkiln_ms'] / f8:.2f} | {tgt} | {inst} |")
+    v = [r for r in rows if "vllm_ms" in r]
+    if v:  # vLLM's Triton fused MoE, same rows, same process (bench/vllm_moe.py: what is and is not timed)
+        vm = meta.get("vllm", {})
+        lines += ["", f"against vLLM {vm.get('version', '?')}'s Triton fused MoE (Triton {vm.get('triton', '?')}; "
+                  f"timed: {vm.get('timed', '?')}; not timed: {vm.get('not timed', '?')}); ratio = vLLM ms / "
+                  "jitkiln ms (> 1: jitkiln faster); bandwidth = active experts' weight bytes / time as a share of "
+                  "the measured copy bandwidth:", "",
+                  "| shape | tokens | jitkiln ms | vLLM ms | ratio | jitkiln TFLOP/s | vLLM TFLOP/s | jitkiln bw "
+                  "| vLLM bw | vLLM config | rel diff | jitkiln instances |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+        for r in v:
+            fl = 6.0 * r["routed_rows"] * r["inter_dim"] * r["hidden"]
+            wb = r["active_experts"] * 3 * r["inter_dim"] * r["hidden"] * 2
+            c = r["vllm_config"]
+            cs = (f"M{c['BLOCK_SIZE_M']} N{c['BLOCK_SIZE_N']} K{c['BLOCK_SIZE_K']} "
+                  f"{'tuned' if r['vllm_config_source'].startswith('tuned') else 'default'}")
+            inst = ", ".join(x.replace("moe2stage_", "") for x in r["instances"].values())
+            lines.append(f"| {r['shape']} | {r['tokens']} | {r['jitkiln_ms']:.4f} | {r['vllm_ms']:.4f} | "
+                         f"{r['vs_vllm']:.2f}{'' if r['vs_vllm'] >= 1.0 else ' (below 1)'} | "
+                         f"{fl / r['jitkiln_ms'] / 1e9:.1f} | {fl / r['vllm_ms'] / 1e9:.1f} | "
+                         f"{100 * wb / r['jitkiln_ms'] / 1e6 / meta['copy_gbs']:.0f}% | "
+                         f"{100 * wb / r['vllm_ms'] / 1e6 / meta['copy_gbs']:.0f}% | {cs} | "
+                         f"{r['vllm_rel_diff_vs_jitkiln']:.1e} | {inst} |")
+        below = [r for r in v if r["vs_vllm"] < 1.0]
+        lines += ["", f"{len(v) - len(below)} of {len(v)} rows at >= 1.0x vLLM" +
+                  (": below at " + ", ".join(f"{r['shape']} T={r['tokens']} ({r['vs_vllm']:.2f})" for r in below)
+                   if below else "")]
     b = [r for r in rows if "fp8b128_ms" in r]
     if b:  # the 128-block fp8 variant, same rows, same process
         lines += ["", "fp8b128 (e4m3, 128x128 weight blocks, 1x128 activations quantized on the GPU):", "",

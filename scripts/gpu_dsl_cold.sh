@@ -3,7 +3,7 @@
 # machine's 16 cores, against the C++ stock build in the same job. The DSL's cp312 wheels (~96 MB) exceed what one
 # call carries (64 MiB), so scripts/dsl_pack.sh repacks them: .gpu/dsl1 = the cu12 wheel's MLIR library
 # (xz), .gpu/dsl2 = its JIT runtime library (xz), the rest of that wheel and the small wheels.
-#   call 1 (carry .gpu/dsl1):        bash scripts/gpu_dsl_cold.sh stage   -> .gpu/stage (an ignored output: kept while warm)
+#   call 1 (carry .gpu/dsl1):        bash scripts/gpu_dsl_cold.sh stage   -> /tmp/dsl-stage (outside the tree: kept while the machine is warm)
 #   call 2 (carry .whl, .gpu/dsl2):  bash scripts/gpu_dsl_cold.sh run     results under $OUT
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -11,14 +11,14 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 S=/tmp/site
 t0=$(date +%s)
 if [ "${1:-run}" = stage ]; then
-  mkdir -p .gpu/stage && for f in .gpu/dsl1/*.so.xz; do xz -dc "$f" > ".gpu/stage/$(basename "${f%.xz}")"; done
-  ls -la .gpu/stage; exit 0
+  mkdir -p /tmp/dsl-stage && for f in .gpu/dsl1/*.so.xz; do xz -dc "$f" > "/tmp/dsl-stage/$(basename "${f%.xz}")"; done
+  ls -la /tmp/dsl-stage; exit 0
 fi
-ls .gpu/stage/_cutlass_ir*.so >/dev/null 2>&1 || { echo "no staged MLIR library: the machine was not warm"; exit 3; }
+ls /tmp/dsl-stage/_cutlass_ir*.so >/dev/null 2>&1 || { echo "no staged MLIR library: the machine was not warm"; exit 3; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $S .whl/nvidia_cutlass-*.whl \
   .gpu/dsl2/*.whl || exit 1
 tar xzf .gpu/dsl2/cu12-rest.tar.gz -C $S || exit 1
-mv .gpu/stage/_cutlass_ir*.so $S/nvidia_cutlass_dsl/dsl_packages/cutlass/_mlir/_mlir_libs/ || exit 1
+mv /tmp/dsl-stage/_cutlass_ir*.so $S/nvidia_cutlass_dsl/dsl_packages/cutlass/_mlir/_mlir_libs/ || exit 1
 xz -dc .gpu/dsl2/libcute_dsl_runtime.so.xz > $S/nvidia_cutlass_dsl/cu12/lib/libcute_dsl_runtime.so || exit 1
 export PYTHONPATH=$S:$S/nvidia_cutlass_dsl/dsl_packages:$PWD/src JITKILN_CUTLASS_DIR=$S/cutlass_library/source
 echo "setup $(( $(date +%s) - t0 )) s; $(nproc) cores; $(nvcc --version | tail -1)"

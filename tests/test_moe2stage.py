@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from jitkiln.families.moe2stage.dsl_instances import is_dsl
+from jitkiln.families.moe2stage.gemv import is_gemv
 from jitkiln.errors import UsageError
 from jitkiln.families.moe2stage import (SMALL_INTER_DIM, MoE2Stage, MoEShape, expand_token_range,
                                         example_models, parse_tokens)
@@ -35,7 +36,8 @@ def test_registered_and_variants(fam):
 def test_candidates_unique_and_described(fam):
     for v in fam.variants():
         cands = fam.candidates(v)
-        assert len({c.digest for c in cands}) == len(cands) == (6 if v == "fp8b128" else 9)
+        # bf16 also has the two weight-stream (GEMV) units; the DSL variant and fp8 keep the tiles only
+        assert len({c.digest for c in cands}) == len(cands) == {"fp8b128": 6, "bf16": 11}.get(v, 9)
         assert len({c.symbol for c in cands}) == len(cands)
         for c in cands:
             assert fam.rule(v, c)
@@ -122,11 +124,15 @@ def test_plan_qwen3(fam):
 def test_select_regimes(fam):
     base = dict(hidden=4096, inter_dim=1536, experts=128, topk=8)
     r = lambda t, **kw: {s: heuristic.role_of(i) for s, i in fam.select("bf16", {**base, "tokens": t, **kw}).items()}  # noqa
-    assert r(1)["stage1"].startswith("DECODE")
+    assert r(1) == {"stage1": "GEMV", "stage2": "GEMV"}  # decode: the weight-stream units
+    assert r(16)["stage1"].startswith("DECODE")  # ~1.5 rows per active expert: the 64-row tiles again
+    d = lambda t, **kw: {s: heuristic.role_of(i) for s, i in fam.select("fp8", {**base, "tokens": t, **kw}).items()}  # noqa
+    assert d(1)["stage1"].startswith("DECODE")  # fp8 keeps the tiles at decode
     assert r(1024) == {"stage1": "MEDIUM", "stage2": "MEDIUM"}
     assert r(16384) == {"stage1": "LARGE", "stage2": "LARGE"}
     assert r(16384, inter_dim=256)["stage2"] == "SMALL_K"
-    assert r(1, inter_dim=256)["stage2"].startswith("DECODE")  # decode stays a weight stream
+    assert r(1, inter_dim=256)["stage2"] == "GEMV"  # decode stays a weight stream
+    assert d(1, inter_dim=256)["stage2"].startswith("DECODE")
 
 
 def test_problem_validation(fam):
@@ -155,7 +161,10 @@ def test_render_c_abi_no_torch(fam):
             assert f'{exp} int {inst.symbol}(' in src
             assert f'{exp} const char* jk_name_{inst.digest[:16]}(void) {{ return "{inst.name}"; }}' in src
             assert "-DNDEBUG" in src  # the guard that refuses a build without it
-            if is_dsl(inst):  # the GEMM is the CuTe DSL kernel module at this tile (the unit's JSON header)
+            if is_gemv(inst):  # the weight-stream unit: plain CUDA, no CUTLASS
+                assert "ld.global.nc.L1::no_allocate" in src and '#include "cutlass' not in src
+                assert ("mma.sync.aligned.m16n8k16" in src) == (inst.stage == 1)
+            elif is_dsl(inst):  # the GEMM is the CuTe DSL kernel module at this tile (the unit's JSON header)
                 assert f'"tile_m": {inst.tile_m}' in src and f'"tile_n": {inst.tile_n}' in src
             else:
                 assert f"Shape<_{inst.tile_m}, _{inst.tile_n}, _{inst.tile_k}>" in src

@@ -11,6 +11,7 @@ from ...family import CompileSpec, Family, Instance, Packer, Problem, ShapeKey, 
 from . import heuristic
 from .dsl_instances import is_dsl, to_dsl
 from .dsl_templates import render_dsl_unit
+from .gemv import MoEGemv, is_gemv, render_gemv
 from .instances import BLOCK, MoEGemm
 from .shapes import MoEShape
 from .templates import render_unit
@@ -69,8 +70,9 @@ class MoE2Stage(Family):
         return list(VARIANTS)
 
     def candidates(self, variant: str) -> Sequence[Instance]:
-        out = heuristic.candidates(VARIANTS[self.check_variant(variant)])
-        return [to_dsl(i) for i in out] if variant in DSL_VARIANTS else out
+        dsl = self.check_variant(variant) in DSL_VARIANTS
+        out = heuristic.candidates(VARIANTS[variant], gemv=not dsl)
+        return [to_dsl(i) for i in out] if dsl else out
 
     def select(self, variant: str, problem: Problem) -> Mapping[str, Instance]:
         p = self.check_problem(problem)
@@ -78,16 +80,18 @@ class MoE2Stage(Family):
         if dtype == "fp8b128" and (p["hidden"] % BLOCK or p["inter_dim"] % BLOCK):
             raise UsageError(f"variant fp8b128 needs hidden={p['hidden']} and inter_dim={p['inter_dim']} to be "
                              f"multiples of {BLOCK} (the scale block)")
-        chosen = heuristic.select(dtype, p)
+        chosen = heuristic.select(dtype, p, gemv=variant not in DSL_VARIANTS)
         if variant in DSL_VARIANTS:
             return {slot: to_dsl(i) for slot, i in chosen.items()}
         return chosen
 
     def rule(self, variant: str, instance: Instance) -> str:
-        assert isinstance(instance, MoEGemm)
+        assert isinstance(instance, (MoEGemm, MoEGemv))
         return heuristic.rule(instance)
 
     def render(self, instance: Instance) -> str:
+        if is_gemv(instance):
+            return render_gemv(instance)
         assert isinstance(instance, MoEGemm)
         if is_dsl(instance):
             return render_dsl_unit(instance)
@@ -162,12 +166,16 @@ class MoE2Stage(Family):
     # --- build hints --------------------------------------------------------------------------------
     def cost_estimate(self, instance: Instance) -> float:
         # measured: one CUTLASS sm90 ptr-array instance, nvcc 13.0, one core: ~34 s (larger tiles a bit more)
+        if is_gemv(instance):  # plain CUDA, no CUTLASS headers
+            return 4.0
         assert isinstance(instance, MoEGemm)
         if is_dsl(instance):  # measured (bench/results/instance-cost-cutedsl-2cores.json): ~2.5 s DSL + ~3 s glue
             return 6.0
         return 30.0 + 8.0 * (instance.tile_m * instance.tile_n) / (128 * 256)
 
     def memory_estimate(self, instance: Instance) -> int:
+        if is_gemv(instance):
+            return int(0.4 * (1 << 30))
         if is_dsl(instance):
             return int(0.6 * (1 << 30))
         return int(3.2 * (1 << 30))

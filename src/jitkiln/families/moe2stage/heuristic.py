@@ -32,6 +32,20 @@ Tiles (M x N x K; schedule; cluster) and why each exists:
     inter_dim <= 256: a deployment with inter_dim > 256 (Kimi-K2 at tp <= 4 or ep 8, DeepSeek-V3, Qwen3)
     never selects it, so its plan does not build it.
 
+``GEMV`` (bf16, both stages; :mod:`.gemv`) -- the weight-stream units, one launch per stage with routing and
+    combine inside, for decode: an active expert sees about one row, so every tile above is mostly padding and
+    the CUTLASS path pays eight launches around a weight stream. Measured on the H200 against the tiles, stage by
+    stage, on six shapes at 1-128 tokens (bench/results/moe-sweep-h200.json), with m = expected rows per *active*
+    expert:
+    stage 1 while m <= ``GEMV_ROWS_S1`` (1.15), or m <= ``GEMV_ROWS_FEW`` (4.5) while the 64x128 tile grid would be
+    small (active experts x 2I/128 <= ``FEW_TILES``: few large experts, e.g. Mixtral, or a small hidden size);
+    stage 2 while m <= ``GEMV_ROWS_S2`` (1.5; its weights are re-read per token, the extra reads mostly from L2),
+    or m <= ``GEMV_ROWS_S2_SHORT`` (2.5) while the tile GEMM is short (inter_dim <= 256: at most two 128-deep
+    k-tiles) or its grid small (active experts x H/128 <= ``FEW_TILES``).
+    The GEMV stage 1 writes the same sorted rows, offsets and positions as the CUTLASS one, so either stage 1
+    pairs with either stage 2. Not for fp8 / fp8b128 (their GEMMs keep the tiles) nor for the CuTe DSL variant
+    (whose subject is the DSL GEMM).
+
 fp8 (e4m3, per-tensor activation scale, per-expert weight scale) uses the same tile shapes with K tiles
 of 128 elements (128 bytes: the same swizzle atom bf16 gets from K=64) and the FP8 fast-accumulation
 schedules.
@@ -56,6 +70,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from .gemv import MoEGemv1, MoEGemv2, is_gemv
 from .instances import MoEGemm, MoEStage1, MoEStage2
 
 SMALL_INTER_DIM = 256
@@ -64,6 +79,16 @@ SMALL_INTER_DIM = 256
 DECODE_ROWS = 32
 MEDIUM_ROWS = 128
 SM_COUNT = 132  # H100 SXM; only used to judge "enough tiles", not a correctness input
+GEMV_ROWS_S1 = 1.15
+"""Stage 1 is the GEMV unit while the expected rows per active expert are <= this (bf16) ..."""
+GEMV_ROWS_FEW = 4.5
+"""... or <= this while the stage's tile grid is small (<= FEW_TILES tiles)."""
+GEMV_ROWS_S2 = 1.5
+"""Stage 2 is the GEMV unit while the expected rows per active expert are <= this (bf16) ..."""
+GEMV_ROWS_S2_SHORT = 2.5
+"""... or <= this while the tile GEMM is short (inter_dim <= SMALL_INTER_DIM) or its grid small."""
+FEW_TILES = int(2.5 * SM_COUNT)
+GEMV = {1: MoEGemv1(dtype="bf16", warps=8, unroll=4), 2: MoEGemv2(dtype="bf16", warps=4, unroll=4)}
 
 
 def _k(dtype: str, bf16_k: int) -> int:
@@ -92,10 +117,13 @@ STAGE1_ROLES = ("DECODE_N64", "DECODE_N128", "MEDIUM", "LARGE")
 STAGE2_ROLES = ("DECODE_N64", "DECODE_N128", "MEDIUM", "LARGE", "SMALL_K")
 
 
-def candidates(dtype: str) -> list[MoEGemm]:
+def candidates(dtype: str, gemv: bool = True) -> list:
+    """Every instance ``select`` can return for ``dtype`` (``gemv``: with the weight-stream units, bf16 only)."""
     t = tiles(dtype)
-    out: list[MoEGemm] = [MoEStage1(dtype=dtype, **t[r]) for r in STAGE1_ROLES if r in t]
+    out: list = [MoEStage1(dtype=dtype, **t[r]) for r in STAGE1_ROLES if r in t]
     out += [MoEStage2(dtype=dtype, **t[r]) for r in STAGE2_ROLES if r in t]
+    if gemv and dtype == "bf16":
+        out += [GEMV[1], GEMV[2]]
     return out
 
 
@@ -110,8 +138,25 @@ def active_experts(p: Mapping[str, Any]) -> float:
     return p["experts"] * (1.0 - (1.0 - 1.0 / e_global) ** picks)
 
 
-def role(stage: int, p: Mapping[str, Any], dtype: str = "bf16") -> str:
+def rows_per_active_expert(p: Mapping[str, Any]) -> float:
+    """Expected rows of an expert that has any (local routed rows / expected active local experts)."""
+    return rows_per_expert(p) * p["experts"] / max(active_experts(p), 1e-9)
+
+
+def use_gemv(stage: int, p: Mapping[str, Any]) -> bool:
+    """Whether ``stage`` takes the weight-stream unit (bf16; see the module docstring for the measurements)."""
+    m = rows_per_active_expert(p)
+    n = 2 * p["inter_dim"] if stage == 1 else p["hidden"]
+    few = active_experts(p) * math.ceil(n / 128) <= FEW_TILES
+    if stage == 1:
+        return m <= GEMV_ROWS_S1 or (few and m <= GEMV_ROWS_FEW)
+    return m <= GEMV_ROWS_S2 or ((few or p["inter_dim"] <= SMALL_INTER_DIM) and m <= GEMV_ROWS_S2_SHORT)
+
+
+def role(stage: int, p: Mapping[str, Any], dtype: str = "bf16", gemv: bool = True) -> str:
     m = rows_per_expert(p)
+    if gemv and dtype == "bf16" and use_gemv(stage, p):
+        return "GEMV"
     if dtype == "fp8b128":  # three tiles (see the module docstring)
         if m <= DECODE_ROWS or (stage == 2 and p["inter_dim"] <= SMALL_INTER_DIM):
             return "DECODE_N128"
@@ -127,10 +172,13 @@ def role(stage: int, p: Mapping[str, Any], dtype: str = "bf16") -> str:
     return "LARGE"
 
 
-def select(dtype: str, p: Mapping[str, Any]) -> dict[str, MoEGemm]:
+def select(dtype: str, p: Mapping[str, Any], gemv: bool = True) -> dict:
     t = tiles(dtype)
-    return {"stage1": MoEStage1(dtype=dtype, **t[role(1, p, dtype)]),
-            "stage2": MoEStage2(dtype=dtype, **t[role(2, p, dtype)])}
+    out = {}
+    for stage, cls in ((1, MoEStage1), (2, MoEStage2)):
+        r = role(stage, p, dtype, gemv)
+        out[f"stage{stage}"] = GEMV[stage] if r == "GEMV" else cls(dtype=dtype, **t[r])
+    return out
 
 
 RULES = {
@@ -142,7 +190,9 @@ RULES = {
 }
 
 
-def role_of(inst: MoEGemm) -> str:
+def role_of(inst) -> str:
+    if is_gemv(inst):
+        return "GEMV"
     for r, params in tiles(inst.dtype).items():
         probe = type(inst)(dtype=inst.dtype, **params)
         if probe == inst:
@@ -158,8 +208,17 @@ RULES_B128 = {
 }
 
 
-def rule(inst: MoEGemm) -> str:
+def rule(inst) -> str:
     r = role_of(inst)
+    if r == "GEMV":
+        if inst.stage == 1:
+            when = (f"<= {GEMV_ROWS_S1:g} expected rows per active expert, or <= {GEMV_ROWS_FEW:g} with at most "
+                    f"{FEW_TILES} tiles of 64x128")
+        else:
+            when = (f"<= {GEMV_ROWS_S2:g} expected rows per active expert, or <= {GEMV_ROWS_S2_SHORT:g} with "
+                    f"inter_dim <= {SMALL_INTER_DIM} or at most {FEW_TILES} output tiles")
+        return (f"stage {inst.stage}, GEMV: bf16 with {when} (decode: one launch, weights streamed; the tiles "
+                f"would be mostly padding)")
     if inst.dtype == "fp8b128":
         text = RULES_B128[r]
         if inst.stage == 2 and r in ("MEDIUM", "LARGE"):

@@ -1,0 +1,48 @@
+#!/bin/bash
+# One device call for moe2stage at decode (bench/moe_perf.py against vLLM's Triton fused MoE): build every bf16
+# candidate (the weight-stream GEMV units included), check them, benchmark. Results under $OUT.
+#   run (carry .whl .gpu/vllm [.gpu/cache]): bash scripts/gpu_decode.sh [check] [bench] [sweep] [fp8]
+#   .gpu/vllm: scripts/vllm_fetch.sh; .gpu/cache: a jitkiln cache brought back by an earlier call (cache.tar.xz),
+#   so a later call on a fresh machine loads the CUTLASS units instead of compiling them again.
+#   BENCH_ARGS: more bench/moe_perf.py flags (e.g. --shapes / --tokens); DEADLINE: seconds for the whole call.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-out}; mkdir -p "$OUT"
+DEADLINE=${DEADLINE:-570}
+t0=$(date +%s)
+left() { echo $(( DEADLINE - ($(date +%s) - t0) )); }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/nvidia_cutlass-*.whl || exit 1
+export JITKILN_CUTLASS_DIR=/tmp/site/cutlass_library/source PYTHONPATH=$PWD/src
+export JITKILN_CACHE_DIR=/tmp/jitkiln-cache
+mkdir -p $JITKILN_CACHE_DIR
+if [ -f .gpu/cache/cache.tar.xz ]; then tar -C $JITKILN_CACHE_DIR -xJf .gpu/cache/cache.tar.xz; fi
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+variants="bf16"; [[ " $* " == *" fp8 "* ]] && variants="bf16 fp8"
+for v in $variants; do
+  python3 scripts/moe_build.py --jobs 16 --variant $v > "$OUT/build-$v.log" 2>&1 || { tail -40 "$OUT/build-$v.log"; exit 1; }
+  grep -hE "^built|wall_s" "$OUT/build-$v.log"
+done
+echo "built at $(( $(date +%s) - t0 )) s"
+# bring the cache back (objects + manifests; small) for the next call
+tar -C $JITKILN_CACHE_DIR -cJf "$OUT/cache.tar.xz" v1/objects v1/manifests v1/header-digests.json 2>/dev/null
+ls -la "$OUT/cache.tar.xz"
+for what in "$@"; do
+  case $what in
+    check)
+      for v in $variants; do
+        timeout $(left) python3 scripts/moe_check.py --variant $v --grid --grid-tokens 1,8,64,512 \
+          --json "$OUT/check-$v.json" > "$OUT/check-$v.log" 2>&1
+        echo "check $v rc=$? at $(( $(date +%s) - t0 )) s"; grep -E "^BAD|SUMMARY" "$OUT/check-$v.log" | head -20
+      done ;;
+    sweep)
+      timeout $(left) python3 bench/moe_perf.py --vllm .gpu/vllm --no-loop --no-grouped-mm --reps 7 \
+        --shapes "kimi-k2 tp8,kimi-k2 ep8,qwen3-moe,small-moe,qwen3-30b,mixtral tp8" --tokens ${SWEEP_TOKENS:-1,4,16,64,256} \
+        --sweep ${SWEEP_TOKENS:-1,4,16,64,256} ${BENCH_ARGS} --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
+      echo "sweep rc=$? at $(( $(date +%s) - t0 )) s"; grep -vE "^\|" "$OUT/sweep.log" | tail -80 ;;
+    bench)
+      timeout $(left) python3 bench/moe_perf.py --vllm .gpu/vllm --no-loop --reps 9 --tokens all \
+        --shapes "kimi-k2 tp8,kimi-k2 ep8,qwen3-moe,small-moe,qwen3-30b,mixtral tp8" ${BENCH_ARGS} \
+        --json "$OUT/moe-perf.json" --md "$OUT/moe-perf.md" > "$OUT/bench.log" 2>&1
+      echo "bench rc=$? at $(( $(date +%s) - t0 )) s"; grep -vE "^\|" "$OUT/bench.log" | tail -40 ;;
+  esac
+done

@@ -1,0 +1,30 @@
+#!/bin/bash
+# Fetch vLLM's Triton fused-MoE source and tuned configs from the vLLM wheel, for bench/vllm_moe.py (the vLLM peer
+# of bench/moe_perf.py). Nothing of vLLM is committed: DIR is ignored (default .gpu/vllm), and travels to the GPU
+# machine with `carry`.
+#   bash scripts/vllm_fetch.sh [DIR] [VERSION]        (default VERSION 0.33.0)
+set -euo pipefail
+dir=${1:-.gpu/vllm}
+ver=${2:-0.33.0}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+python3 -m pip download -q --no-deps "vllm==$ver" -d "$tmp" || { echo "vllm_fetch: pip download vllm==$ver failed (network, or no such version)" >&2; exit 1; }
+whl=$(ls "$tmp"/vllm-*.whl | head -1)
+src=vllm/model_executor/layers/fused_moe
+python3 - "$whl" "$dir" "$ver" "$src" <<'PY'
+import os, sys, zipfile
+whl, out, ver, src = sys.argv[1:]
+os.makedirs(os.path.join(out, "configs"), exist_ok=True)
+with zipfile.ZipFile(whl) as z:
+    names = z.namelist()
+    if f"{src}/fused_moe.py" not in names:
+        sys.exit(f"vllm_fetch: {src}/fused_moe.py is not in {os.path.basename(whl)}")
+    open(os.path.join(out, "fused_moe.py"), "wb").write(z.read(f"{src}/fused_moe.py"))
+    n = 0
+    for nm in names:
+        if nm.startswith(f"{src}/configs/") and nm.endswith(".json"):
+            open(os.path.join(out, "configs", os.path.basename(nm)), "wb").write(z.read(nm))
+            n += 1
+open(os.path.join(out, "VERSION"), "w").write(ver + "\n")
+print(f"vllm_fetch: vLLM {ver}: fused_moe.py and {n} configs in {out}")
+PY
