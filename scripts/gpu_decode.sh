@@ -39,6 +39,12 @@ for what in "$@"; do
         --shapes "kimi-k2 tp8,kimi-k2 ep8,qwen3-moe,small-moe,qwen3-30b,mixtral tp8" --tokens ${SWEEP_TOKENS:-1,4,16,64,256} \
         --sweep ${SWEEP_TOKENS:-1,4,16,64,256} ${BENCH_ARGS} --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
       echo "sweep rc=$? at $(( $(date +%s) - t0 )) s"; grep -vE "^\|" "$OUT/sweep.log" | tail -80 ;;
+    tune)
+      timeout $(left) python3 scripts/gemv_tune.py --s1 "${TUNE_S1:-8x2,4x4,4x2,16x2}" --s2 "${TUNE_S2:-4x2,8x2,8x4,2x4}" -- \
+        --vllm .gpu/vllm --no-loop --no-grouped-mm --reps 7 \
+        --shapes "kimi-k2 tp8,kimi-k2 ep8,qwen3-moe,small-moe,qwen3-30b,mixtral tp8" --tokens ${SWEEP_TOKENS:-1,2,4,8,16,32} \
+        --sweep ${SWEEP_TOKENS:-1,2,4,8,16,32} ${BENCH_ARGS} --json "$OUT/tune.json" > "$OUT/tune.log" 2>&1
+      echo "tune rc=$? at $(( $(date +%s) - t0 )) s"; grep -E "kernels:|extra GEMV|Error|error" "$OUT/tune.log" | cut -c1-600 | tail -20 ;;
     bench)
       timeout $(left) python3 bench/moe_perf.py --vllm .gpu/vllm --no-loop --reps 9 --tokens all \
         --shapes "kimi-k2 tp8,kimi-k2 ep8,qwen3-moe,small-moe,qwen3-30b,mixtral tp8" ${BENCH_ARGS} \

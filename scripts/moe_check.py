@@ -187,9 +187,15 @@ def fp8_stage_check(c, module, activation="silu"):
         ww = w[tok, slot].to(f64)[:, None] / a2_s
         v = fa * u * ww
         dv = (dfa.abs() * u.abs() * dg + fa.abs() * du) * ww + 1e-6 * v.abs()
+        lo, hi = v - dv, v + dv
+        act_f = torch.nn.functional.silu if activation == "silu" else torch.nn.functional.gelu
+        for sg in (-1, 1):  # beyond first order: the corners of the (g, u) box
+            for su in (-1, 1):
+                corner = act_f(g + sg * dg) * (u + su * du) * ww
+                lo, hi = torch.minimum(lo, corner), torch.maximum(hi, corner)
         q8 = lambda t: t.clamp(-448, 448).to(torch.float8_e4m3fn).to(f64)  # noqa: E731
         got = got_all[pos[pairs].long()]
-        wrong += int(((got < q8(v - dv)) | (got > q8(v + dv))).sum())  # outside every rounding of [v-dv, v+dv]
+        wrong += int(((got < q8(lo)) | (got > q8(hi))).sum())  # outside every rounding of [lo, hi]
     if bool((pos[flat >= E].long() != -1).any()) or bool((pos[(flat < 0)].long() != -1).any()):
         wrong += 1  # a skipped pair must have no row
     assert fns["stage2"](*s2_args(ws.data_ptr(), n2, stream)) == 0

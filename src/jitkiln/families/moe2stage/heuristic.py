@@ -35,8 +35,8 @@ Tiles (M x N x K; schedule; cluster) and why each exists:
 ``GEMV`` (bf16, both stages; :mod:`.gemv`) -- the weight-stream units, one launch per stage with routing and
     combine inside, for decode: an active expert sees about one row, so every tile above is mostly padding and
     the CUTLASS path pays eight launches around a weight stream. Measured on the H200 against the tiles, stage by
-    stage, on six shapes at 1-128 tokens (bench/results/moe-sweep-h200.json), with m = expected rows per *active*
-    expert:
+    stage, on six shapes at 1-128 tokens (bench/results/moe-sweep-gemv-h200.json), with m = expected rows per
+    *active* expert:
     stage 1 while m <= ``GEMV_ROWS_S1`` (1.15), or m <= ``GEMV_ROWS_FEW`` (4.5) while the 64x128 tile grid would be
     small (active experts x 2I/128 <= ``FEW_TILES``: few large experts, e.g. Mixtral, or a small hidden size);
     stage 2 while m <= ``GEMV_ROWS_S2`` (1.5; its weights are re-read per token, the extra reads mostly from L2),
@@ -71,7 +71,7 @@ import math
 from typing import Any, Mapping
 
 from .gemv import MoEGemv1, MoEGemv2, is_gemv
-from .instances import MoEGemm, MoEStage1, MoEStage2
+from .instances import MoEStage1, MoEStage2
 
 SMALL_INTER_DIM = 256
 """Stage 2 uses the SMALL_K tile when inter_dim <= this (upstream CK's threshold too)."""
@@ -87,7 +87,7 @@ GEMV_ROWS_S2 = 1.5
 """Stage 2 is the GEMV unit while the expected rows per active expert are <= this (bf16) ..."""
 GEMV_ROWS_S2_SHORT = 2.5
 """... or <= this while the tile GEMM is short (inter_dim <= SMALL_INTER_DIM) or its grid small."""
-FEW_TILES = int(2.5 * SM_COUNT)
+FEW_TILES = 3 * SM_COUNT
 GEMV = {1: MoEGemv1(dtype="bf16", warps=8, unroll=4), 2: MoEGemv2(dtype="bf16", warps=4, unroll=4)}
 
 

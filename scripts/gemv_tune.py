@@ -1,0 +1,49 @@
+"""Tuning sweep of the weight-stream (GEMV) units: times extra (warps, unroll) variants of both stages beside the
+family's candidates, through bench/moe_perf.py's --sweep, in one process. The extra variants exist only in this
+process (the family's candidate list is extended here, not in the library).
+
+    python scripts/gemv_tune.py --s1 8x4,8x2,4x4 --s2 4x4,4x2,8x2 -- <bench/moe_perf.py arguments>
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "src"))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from jitkiln.families.moe2stage import heuristic  # noqa: E402
+from jitkiln.families.moe2stage.gemv import MoEGemv1, MoEGemv2  # noqa: E402
+
+
+def variants(text, cls):
+    out = []
+    for item in filter(None, text.split(",")):
+        w, u = (int(v) for v in item.split("x"))
+        out.append(cls(dtype="bf16", warps=w, unroll=u))
+    return out
+
+
+def main():
+    argv = sys.argv[1:]
+    rest = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    opts = dict(zip(own[::2], own[1::2]))
+    extra = variants(opts.get("--s1", ""), MoEGemv1) + variants(opts.get("--s2", ""), MoEGemv2)
+    base = heuristic.candidates
+    have = {c.digest for c in base("bf16")}
+    extra = [e for e in extra if e.digest not in have]
+
+    def candidates(dtype, gemv=True):
+        return base(dtype, gemv) + (extra if dtype == "bf16" and gemv else [])
+    heuristic.candidates = candidates
+    print("extra GEMV variants: " + ", ".join(e.name for e in extra), flush=True)
+    import moe_perf
+    sys.argv = ["moe_perf.py"] + rest
+    moe_perf.main()
+
+
+if __name__ == "__main__":
+    main()
