@@ -162,7 +162,7 @@ def test_render_c_abi_no_torch(fam):
             assert f'{exp} const char* jk_name_{inst.digest[:16]}(void) {{ return "{inst.name}"; }}' in src
             assert "-DNDEBUG" in src  # the guard that refuses a build without it
             if is_gemv(inst):  # the weight-stream unit: plain CUDA, no CUTLASS
-                assert "ld.global.nc.L1::no_allocate" in src and '#include "cutlass' not in src
+                assert "nc.L1::no_allocate" in src and '#include "cutlass' not in src
                 assert ("mma.sync.aligned.m16n8k16" in src) == (inst.stage == 1)
             elif is_dsl(inst):  # the GEMM is the CuTe DSL kernel module at this tile (the unit's JSON header)
                 assert f'"tile_m": {inst.tile_m}' in src and f'"tile_n": {inst.tile_n}' in src

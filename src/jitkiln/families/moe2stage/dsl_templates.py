@@ -14,7 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .templates import COUNT_SCAN
+from .templates import COUNT_SCAN, STAGE1_SIGNATURE, STAGE2_SIGNATURE
 
 KERNEL_MODULE = "jitkiln.families.moe2stage.dsl_gemm"
 KERNEL_FILE = Path(__file__).with_name("dsl_gemm.py")
@@ -118,12 +118,7 @@ __global__ void activate_rows(const __nv_bfloat16* __restrict__ h, const int32_t
   }
 }
 }  // namespace
-extern "C" __attribute__((visibility("default"))) int @@symbol@@(const void* x, const int32_t* topk_ids, const float* topk_w, const void* w13,
-                        void* act_out, int32_t* expert_offsets, int32_t* sorted_pos,
-                        int T, int topk, int E, int H, int I, int activation,
-                        const float* a_scale, const float* w_scale, const float* a2_scale,
-                        void* workspace, size_t* workspace_bytes, void* stream_) {
-  cudaStream_t stream = static_cast<cudaStream_t>(stream_);
+""" + STAGE1_SIGNATURE + r"""  cudaStream_t stream = static_cast<cudaStream_t>(stream_);
   if (T < 0 || topk <= 0 || E <= 0 || H <= 0 || I <= 0 || (H % 16) || (I % 16)) return int(cudaErrorInvalidValue);
   const int64_t rows = int64_t(T) * topk;
   Bump b{static_cast<char*>(workspace), 0};
@@ -179,11 +174,7 @@ __global__ void combine_rows(const __nv_bfloat16* __restrict__ y, const int32_t*
   }
 }
 }  // namespace
-extern "C" __attribute__((visibility("default"))) int @@symbol@@(const void* act, const void* w2, void* out, const int32_t* expert_offsets,
-                        const int32_t* sorted_pos, int T, int topk, int E, int H, int I,
-                        const float* a2_scale, const float* w2_scale,
-                        void* workspace, size_t* workspace_bytes, void* stream_) {
-  cudaStream_t stream = static_cast<cudaStream_t>(stream_);
+""" + STAGE2_SIGNATURE + r"""  cudaStream_t stream = static_cast<cudaStream_t>(stream_);
   if (T < 0 || topk <= 0 || E <= 0 || H <= 0 || I <= 0 || (H % 16) || (I % 16)) return int(cudaErrorInvalidValue);
   const int64_t rows = int64_t(T) * topk;
   Bump b{static_cast<char*>(workspace), 0};

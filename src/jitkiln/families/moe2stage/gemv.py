@@ -24,6 +24,8 @@ Stage 2 (``gemv2``): one CTA per (token, a few output rows); a warp (or, when to
     about one row.
 
 Both read weights with ``ld.global.nc.L1::no_allocate`` (streamed past L1) and accumulate in float32.
+
+Longer than 400 lines: it is mostly the CUDA text of the two units.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from typing import ClassVar
 
 from ...family import CAbi, Instance
 from .instances import STAGE1_ABI, STAGE2_ABI
+from .templates import STAGE1_SIGNATURE, STAGE2_SIGNATURE
 
 
 @dataclass(frozen=True)
@@ -105,24 +108,19 @@ namespace jk {
 constexpr int kWarps = @@warps@@;
 constexpr int kUnroll = @@unroll@@;
 
-// 16 bytes of weights streamed past L1 (each is read once per CTA), or zeros where !ok. The predicate is inside
-// the asm: the compiler cannot turn a guarded load into an unconditional (speculated) one.
-__device__ __forceinline__ uint4 ld_stream(const void* p, bool ok) {
-  uint4 v;
-  asm("{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n mov.u32 %0, 0;\n mov.u32 %1, 0;\n mov.u32 %2, 0;\n mov.u32 %3, 0;\n"
-      " @q ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p), "r"(int(ok)));
-  return v;
-}
-
-// 16 bytes of activations (re-read by other warps: through L1), or zeros where !ok
-__device__ __forceinline__ uint4 ld_act(const void* p, bool ok) {
-  uint4 v;
-  asm("{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n mov.u32 %0, 0;\n mov.u32 %1, 0;\n mov.u32 %2, 0;\n mov.u32 %3, 0;\n"
-      " @q ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p), "r"(int(ok)));
-  return v;
-}
+// 16 bytes, or zeros where !ok: weights streamed past L1 (each is read once per CTA), activations through L1
+// (other warps re-read them). The predicate is inside the asm: the compiler cannot turn a guarded load into an
+// unconditional (speculated) one.
+#define JK_LOAD16(NAME, QUALIFIERS)                                                                       \
+  __device__ __forceinline__ uint4 NAME(const void* p, bool ok) {                                        \
+    uint4 v;                                                                                             \
+    asm("{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n mov.u32 %0, 0;\n mov.u32 %1, 0;\n mov.u32 %2, 0;\n" \
+        " mov.u32 %3, 0;\n @q ld.global." QUALIFIERS ".v4.u32 {%0, %1, %2, %3}, [%4];\n}"                   \
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p), "r"(int(ok)));                            \
+    return v;                                                                                            \
+  }
+JK_LOAD16(ld_stream, "nc.L1::no_allocate")
+JK_LOAD16(ld_act, "nc")
 
 static int sm_count() {
   static int cached[64] = {0};
@@ -331,12 +329,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_stage1(
 }  // namespace jk
 }  // namespace
 
-extern "C" __attribute__((visibility("default"))) int @@symbol@@(const void* x, const int32_t* topk_ids, const float* topk_w, const void* w13,
-                        void* act_out, int32_t* expert_offsets, int32_t* sorted_pos,
-                        int T, int topk, int E, int H, int I, int activation,
-                        const float* a_scale, const float* w_scale, const float* a2_scale,
-                        void* workspace, size_t* workspace_bytes, void* stream_) {
-  using namespace jk;
+""" + STAGE1_SIGNATURE + r"""  using namespace jk;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_);
   if (T < 0 || topk <= 0 || E <= 0 || H <= 0 || I <= 0 || (H % 16) || (I % 16)) return int(cudaErrorInvalidValue);
   if (a_scale || w_scale || a2_scale) return int(cudaErrorInvalidValue);  // bf16: no scales
@@ -481,11 +474,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_stage2(
 }  // namespace jk
 }  // namespace
 
-extern "C" __attribute__((visibility("default"))) int @@symbol@@(const void* act, const void* w2, void* out, const int32_t* expert_offsets,
-                        const int32_t* sorted_pos, int T, int topk, int E, int H, int I,
-                        const float* a2_scale, const float* w2_scale,
-                        void* workspace, size_t* workspace_bytes, void* stream_) {
-  using namespace jk;
+""" + STAGE2_SIGNATURE + r"""  using namespace jk;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_);
   if (T < 0 || topk <= 0 || E <= 0 || H <= 0 || I <= 0 || (H % 16) || (I % 16)) return int(cudaErrorInvalidValue);
   if (a2_scale || w2_scale) return int(cudaErrorInvalidValue);  // bf16: no scales

@@ -50,6 +50,21 @@ Longer than 400 lines: it is mostly the CUDA/CUTLASS text of the units.
 """
 from __future__ import annotations
 
+
+# The launchers' C signatures as every unit kind writes them (CUTLASS, CuTe DSL glue, weight-stream): one text, so
+# the ABIs above and the units cannot drift apart.
+STAGE1_SIGNATURE = r"""extern "C" __attribute__((visibility("default"))) int @@symbol@@(const void* x, const int32_t* topk_ids, const float* topk_w, const void* w13,
+                        void* act_out, int32_t* expert_offsets, int32_t* sorted_pos,
+                        int T, int topk, int E, int H, int I, int activation,
+                        const float* a_scale, const float* w_scale, const float* a2_scale,
+                        void* workspace, size_t* workspace_bytes, void* stream_) {
+"""
+STAGE2_SIGNATURE = r"""extern "C" __attribute__((visibility("default"))) int @@symbol@@(const void* act, const void* w2, void* out, const int32_t* expert_offsets,
+                        const int32_t* sorted_pos, int T, int topk, int E, int H, int I,
+                        const float* a2_scale, const float* w2_scale,
+                        void* workspace, size_t* workspace_bytes, void* stream_) {
+"""
+
 ELEMENT = {
     "bf16": "cutlass::bfloat16_t",
     "fp8": "cutlass::float_e4m3_t",
@@ -558,12 +573,7 @@ extern "C" __attribute__((visibility("default"))) const char* jk_name_@@digest16
 // stage 2 reads. Everything else as the bf16 / fp8 stage 1.
 """,
     ),
-    r"""extern "C" __attribute__((visibility("default"))) int @@symbol@@(const void* x, const int32_t* topk_ids, const float* topk_w, const void* w13,
-                        void* act_out, int32_t* expert_offsets, int32_t* sorted_pos,
-                        int T, int topk, int E, int H, int I, int activation,
-                        const float* a_scale, const float* w_scale, const float* a2_scale,
-                        void* workspace, size_t* workspace_bytes, void* stream_) {
-  using namespace jk;
+    STAGE1_SIGNATURE + r"""  using namespace jk;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_);
 """,
     (  # bf16 / fp8 | fp8b128
@@ -682,11 +692,7 @@ extern "C" __attribute__((visibility("default"))) const char* jk_name_@@digest16
 // w2_scale: [E, H/128, I/128] float32. Everything else as the bf16 / fp8 stage 2.
 """,
     ),
-    r"""extern "C" __attribute__((visibility("default"))) int @@symbol@@(const void* act, const void* w2, void* out, const int32_t* expert_offsets,
-                        const int32_t* sorted_pos, int T, int topk, int E, int H, int I,
-                        const float* a2_scale, const float* w2_scale,
-                        void* workspace, size_t* workspace_bytes, void* stream_) {
-  using namespace jk;
+    STAGE2_SIGNATURE + r"""  using namespace jk;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_);
 """,
     (  # bf16 / fp8 | fp8b128
