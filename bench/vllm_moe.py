@@ -22,6 +22,10 @@ ignore-invalid-experts path):
    zeroed (vLLM does it when an expert map is set); ``fused_moe_kernel`` on W2 with the routing weights
    (``MUL_ROUTED_WEIGHT``) into cache3 [T, topk, H]; the top-k sum into the output (vLLM's ``moe_sum`` CUDA op;
    here ``torch.sum`` over the top-k axis). Caches are allocated once, outside the timed region.
+
+fp8 (w8a8, per-tensor static activation scales, per-expert weight scales; :meth:`VllmMoE.run_fp8`): vLLM's
+``dtype=fp8_w8a8`` config files and default rule, its swap-AB choice for small M tiles on Hopper, the two
+quantizations as Triton passes (see there).
 """
 from __future__ import annotations
 
@@ -87,14 +91,16 @@ class VllmMoE:
         self._act = _silu_and_mul
 
     # --- config (vLLM's rule) ----------------------------------------------------------------------------------
-    def config(self, T: int, E: int, N: int, K: int, topk: int, device_name: str) -> tuple[dict, str]:
+    def config(self, T: int, E: int, N: int, K: int, topk: int, device_name: str,
+               dtype: str | None = None) -> tuple[dict, str]:
+        """vLLM's rule: its tuned file for (E, N, device[, dtype]) at the nearest batch size, else its default."""
         dev = "NVIDIA_H200" if "H200" in device_name.replace(" ", "_").split("_") else device_name.replace(" ", "_")
-        fname = f"E={E},N={N},device_name={dev}.json"
+        fname = f"E={E},N={N},device_name={dev}{f',dtype={dtype}' if dtype else ''}.json"
         p = os.path.join(self.configs_dir, fname)
         if os.path.exists(p):
             table = {int(k): v for k, v in json.load(open(p)).items() if k != "triton_version"}
             return dict(table[min(table, key=lambda m: abs(m - T))]), f"tuned {fname}"
-        return dict(self.default_config(T, E, N, K, topk, None, None)), "get_default_config"
+        return dict(self.default_config(T, E, N, K, topk, dtype, None)), "get_default_config"
 
     # --- expert assignment (untimed) ---------------------------------------------------------------------------
     def assign(self, ids, block_m: int, e_global: int, ep: int):
@@ -134,20 +140,24 @@ class VllmMoE:
         return sorted_ids, expert_ids, torch.tensor([total], dtype=torch.int32, device=dev), EM
 
     # --- the timed path ----------------------------------------------------------------------------------------
-    def _gemm(self, A, B, C, topk_weights, assign, mul_routed_weight: bool, top_k: int, config: dict):
+    def _gemm(self, A, B, C, topk_weights, assign, mul_routed_weight: bool, top_k: int, config: dict,
+              a_scale=None, b_scale=None):
         sorted_ids, expert_ids, ntp, EM = assign
+        fp8 = b_scale is not None
         cfg = dict(config)
         cfg["SPLIT_K"] = 1
         bk = cfg.pop("BLOCK_SIZE_K")
         grid = (self._triton.cdiv(EM, cfg["BLOCK_SIZE_M"]) * self._triton.cdiv(B.size(1), cfg["BLOCK_SIZE_N"]),)
         self.kernel[grid](
-            A, B, C, None, None, None, topk_weights, sorted_ids, expert_ids, ntp,
+            A, B, C, None, a_scale, b_scale, topk_weights, sorted_ids, expert_ids, ntp,
             B.size(1), B.size(2), EM, A.size(0) * top_k,
             A.stride(0), A.stride(1), B.stride(0), B.stride(2), B.stride(1), C.stride(1), C.stride(2),
-            0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, b_scale.stride(0) if fp8 else 0, 0, 0, 0, 0, 0, 0,
             MUL_ROUTED_WEIGHT=mul_routed_weight, top_k=top_k, compute_type=self._tl.bfloat16,
-            use_fp8_w8a8=False, use_int8_w8a8=False, use_int8_w8a16=False, per_channel_quant=False,
-            naive_block_assignment=sorted_ids is None, HAS_BIAS=False, BLOCK_SIZE_K=bk, SWAP_AB=False,
+            use_fp8_w8a8=fp8, use_int8_w8a8=False, use_int8_w8a16=False, per_channel_quant=False,
+            naive_block_assignment=sorted_ids is None, HAS_BIAS=False, BLOCK_SIZE_K=bk,
+            # vLLM's enable_swap_ab (fp8 on Hopper, small M tile)
+            SWAP_AB=fp8 and cfg["BLOCK_SIZE_M"] < 64 and cfg["BLOCK_SIZE_N"] >= 64,
             USE_TD=False, **cfg)
 
     def run(self, x, w13, w2, topk_w, ids, assign, config, caches, out, ep: int):
@@ -162,6 +172,32 @@ class VllmMoE:
             c3.zero_()
         self._gemm(c2, w2, c3, topk_w, assign, True, 1, config)
         return __import__("torch").sum(c3, dim=1, out=out)
+
+    def run_fp8(self, x, w13, w2, topk_w, ids, assign, config, caches, out, ep: int, a1, s13, a2, s2):
+        """vLLM's fp8 w8a8 per-tensor path: x quantized with the static a1 (one Triton pass, for vLLM's
+        scaled_fp8_quant), fused_moe_kernel on e4m3 W13 with a1 and the per-expert s13, SiLU-and-mul and the static
+        a2 quantization in one Triton pass (vLLM runs two ops: this favours it), fused_moe_kernel on e4m3 W2, sum."""
+        T, H = x.shape
+        k = ids.shape[1]
+        two_i = w13.shape[1]
+        c1, c2, c3, qx = caches
+        n = x.numel()
+        _quant_fp8[(self._triton.cdiv(n, 4096),)](x, qx, a1, n, BLOCK=4096)
+        self._gemm(qx, w13, c1, topk_w, assign, False, k, config, a1, s13)
+        _silu_mul_quant[(T * k, self._triton.cdiv(two_i // 2, 1024))](c1, c2, a2, two_i // 2, BLOCK=1024)
+        if ep > 1:
+            c3.zero_()
+        self._gemm(c2, w2, c3, topk_w, assign, True, 1, config, a2, s2)
+        return __import__("torch").sum(c3, dim=1, out=out)
+
+    @staticmethod
+    def caches_fp8(T, k, H, I, dev):
+        import torch
+        c1 = torch.empty((T, k, 2 * I), dtype=torch.bfloat16, device=dev)
+        c2 = torch.empty((T * k, I), dtype=torch.float8_e4m3fn, device=dev)
+        c3 = torch.empty((T, k, H), dtype=torch.bfloat16, device=dev)
+        qx = torch.empty((T, H), dtype=torch.float8_e4m3fn, device=dev)
+        return c1, c2, c3, qx
 
     @staticmethod
     def caches(T, k, H, I, dev):
@@ -184,8 +220,25 @@ try:  # the stand-in for vLLM's silu_and_mul CUDA op (one pass: read gate and up
         g = tl.load(inp + row * 2 * n_half + cols, mask=m, other=0.0).to(tl.float32)
         u = tl.load(inp + row * 2 * n_half + n_half + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(outp + row * n_half + cols, (g / (1.0 + tl.exp(-g)) * u).to(tl.bfloat16), mask=m)
+
+    @triton.jit
+    def _quant_fp8(inp, outp, scale, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        v = tl.load(inp + offs, mask=m, other=0.0).to(tl.float32) / tl.load(scale)
+        tl.store(outp + offs, tl.clamp(v, -448.0, 448.0).to(tl.float8e4nv), mask=m)
+
+    @triton.jit
+    def _silu_mul_quant(inp, outp, scale, n_half, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < n_half
+        g = tl.load(inp + row * 2 * n_half + cols, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(inp + row * 2 * n_half + n_half + cols, mask=m, other=0.0).to(tl.float32)
+        v = (g / (1.0 + tl.exp(-g)) * u).to(tl.bfloat16).to(tl.float32) / tl.load(scale)
+        tl.store(outp + row * n_half + cols, tl.clamp(v, -448.0, 448.0).to(tl.float8e4nv), mask=m)
 except ImportError:  # no Triton: load() fails with VllmUnavailable
-    _silu_and_mul = None
+    _silu_and_mul = _quant_fp8 = _silu_mul_quant = None
 
 
 def load(folder: str) -> VllmMoE:

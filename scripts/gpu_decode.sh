@@ -19,19 +19,20 @@ if [ -f .gpu/cache/cache.tar.xz ]; then tar -C $JITKILN_CACHE_DIR -xJf .gpu/cach
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 variants="bf16"; [[ " $* " == *" fp8 "* ]] && variants="bf16 fp8"
 for v in $variants; do
-  python3 scripts/moe_build.py --jobs 16 --variant $v > "$OUT/build-$v.log" 2>&1 || { tail -40 "$OUT/build-$v.log"; exit 1; }
-  grep -hE "^built|wall_s" "$OUT/build-$v.log"
+  python3 scripts/moe_build.py --jobs 16 --variant $v >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 done
+grep -hE "^built|wall_s" "$OUT/build.log"
 echo "built at $(( $(date +%s) - t0 )) s"
-# bring the cache back (objects + manifests; small) for the next call
-tar -C $JITKILN_CACHE_DIR -cJf "$OUT/cache.tar.xz" v1/objects v1/manifests v1/header-digests.json 2>/dev/null
-ls -la "$OUT/cache.tar.xz"
+# CACHE_OUT=1: bring the cache back (objects + manifests; small) for the next call (at most 8 files come back)
+if [ "${CACHE_OUT:-0}" = 1 ]; then
+  tar -C $JITKILN_CACHE_DIR -cJf "$OUT/cache.tar.xz" v1/objects v1/manifests v1/header-digests.json 2>/dev/null
+fi
 for what in "$@"; do
   case $what in
     check)
       for v in $variants; do
         timeout $(left) python3 scripts/moe_check.py --variant $v --grid --grid-tokens 1,8,64,512 \
-          --json "$OUT/check-$v.json" > "$OUT/check-$v.log" 2>&1
+          > "$OUT/check-$v.log" 2>&1
         echo "check $v rc=$? at $(( $(date +%s) - t0 )) s"; grep -E "^BAD|SUMMARY" "$OUT/check-$v.log" | head -20
       done ;;
     sweep)

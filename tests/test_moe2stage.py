@@ -36,8 +36,8 @@ def test_registered_and_variants(fam):
 def test_candidates_unique_and_described(fam):
     for v in fam.variants():
         cands = fam.candidates(v)
-        # bf16 also has the two weight-stream (GEMV) units; the DSL variant and fp8 keep the tiles only
-        assert len({c.digest for c in cands}) == len(cands) == {"fp8b128": 6, "bf16": 11}.get(v, 9)
+        # bf16 and fp8 also have the two weight-stream (GEMV) units; the DSL variant and fp8b128 keep the tiles only
+        assert len({c.digest for c in cands}) == len(cands) == {"fp8b128": 6, "bf16": 11, "fp8": 11}.get(v, 9)
         assert len({c.symbol for c in cands}) == len(cands)
         for c in cands:
             assert fam.rule(v, c)
@@ -127,12 +127,15 @@ def test_select_regimes(fam):
     assert r(1) == {"stage1": "GEMV", "stage2": "GEMV"}  # decode: the weight-stream units
     assert r(16)["stage1"].startswith("DECODE")  # ~1.5 rows per active expert: the 64-row tiles again
     d = lambda t, **kw: {s: heuristic.role_of(i) for s, i in fam.select("fp8", {**base, "tokens": t, **kw}).items()}  # noqa
-    assert d(1)["stage1"].startswith("DECODE")  # fp8 keeps the tiles at decode
+    assert d(1) == {"stage1": "GEMV", "stage2": "GEMV"}  # fp8 (per-tensor) has its own weight-stream units
+    assert all(i.dtype == "fp8" for i in fam.select("fp8", {**base, "tokens": 1}).values())
+    b = lambda t: {s: heuristic.role_of(i) for s, i in fam.select("fp8b128", {**base, "tokens": t}).items()}  # noqa
+    assert b(1)["stage1"].startswith("DECODE")  # fp8b128 keeps the tiles at decode
+    assert fam.select("bf16-dsl", {**base, "tokens": 1})["stage1"].tile_m == 64  # so does the DSL variant
     assert r(1024) == {"stage1": "MEDIUM", "stage2": "MEDIUM"}
     assert r(16384) == {"stage1": "LARGE", "stage2": "LARGE"}
     assert r(16384, inter_dim=256)["stage2"] == "SMALL_K"
     assert r(1, inter_dim=256)["stage2"] == "GEMV"  # decode stays a weight stream
-    assert d(1, inter_dim=256)["stage2"].startswith("DECODE")
 
 
 def test_problem_validation(fam):

@@ -45,13 +45,13 @@ class MoEGemv(Instance):
     stage: ClassVar[int] = 0
     kind: ClassVar[str] = "gemv"
 
-    dtype: str  # bf16 only
+    dtype: str  # bf16 | fp8 (e4m3 weights, per-expert scales; per-tensor activation scales)
     warps: int  # warps per CTA (stage 1: the K split; stage 2: 4 x rows output rows per CTA)
     unroll: int  # stage 1: 32-element K chunks in flight per warp; stage 2: output rows per warp
 
     def __post_init__(self):
-        if self.dtype != "bf16":
-            raise ValueError(f"the weight-stream units are bf16 only, not {self.dtype!r}")
+        if self.dtype not in ("bf16", "fp8"):
+            raise ValueError(f"the weight-stream units are bf16 or fp8 (per-tensor), not {self.dtype!r}")
         if not 1 <= self.warps <= 16 or not 1 <= self.unroll <= 8:
             raise ValueError(f"warps {self.warps} (1..16) / unroll {self.unroll} (1..8) out of range")
 
@@ -97,6 +97,9 @@ _COMMON = r"""// jitkiln moe2stage instance: @@name@@
 #include <cmath>
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <type_traits>
 
 #if !defined(NDEBUG)
 #error "jitkiln moe2stage units must be built with -DNDEBUG"
@@ -107,6 +110,9 @@ namespace jk {
 
 constexpr int kWarps = @@warps@@;
 constexpr int kUnroll = @@unroll@@;
+constexpr bool kFp8 = @@fp8@@;  // e4m3 weights (per-expert scales), e4m3 activations (per-tensor static scales)
+using WT = std::conditional_t<kFp8, uint8_t, __nv_bfloat16>;  // weight (and stage 2 activation) element
+constexpr int kLaneK = 16 / int(sizeof(WT));  // elements of one 16-byte load
 
 // 16 bytes, or zeros where !ok: weights streamed past L1 (each is read once per CTA), activations through L1
 // (other warps re-read them). The predicate is inside the asm: the compiler cannot turn a guarded load into an
@@ -141,18 +147,31 @@ _STAGE1 = r"""
 namespace {
 namespace jk {
 
+// four floats -> four e4m3 (saturating, round to nearest even), low byte first
+__device__ __forceinline__ uint32_t e4m3x4(float a, float b, float c, float d) {
+  const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
+  const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(c, d), __NV_SATFINITE, __NV_E4M3);
+  return lo | (hi << 16);
+}
 __device__ __forceinline__ float act_fn(float g, int activation) {
   if (activation == 1) return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
   return g / (1.0f + __expf(-g));
 }
 
-// D[16x8] += A[16x16] B[16x8], bf16 in, float32 accumulate
-__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+// D[16x8] += A[16xK] B[Kx8], float32 accumulate: K = 16 bf16 (m16n8k16) or 32 e4m3 (m16n8k32). Both keep
+// the same register roles: a0/a2 row g, a1/a3 row g+8, b0/b1 column g, each register 4 bytes of K.
+__device__ __forceinline__ void mma_step(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-               "{%8, %9}, {%0, %1, %2, %3};"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  if constexpr (kFp8)
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ bool is_local(int id, int E) { return id >= 0 && id < E; }
@@ -198,14 +217,30 @@ __device__ void write_offsets(const int32_t* __restrict__ ids, int P, int E, int
 
 constexpr int kIdsCap = 4096;  // pairs whose expert ids are staged in shared memory (the rest are read from global)
 
-// One 32-element K chunk of one warp: 16 weight rows (8 gate, 8 up) and up to 8 activation rows (members).
-struct Chunk { uint4 a, u, b; };
+// One K chunk of one warp (32 bf16 or 64 e4m3 elements: 16 bytes per lane and row): 16 weight rows (8 gate,
+// 8 up) and up to 8 activation rows (members), x as bf16 (fp8: quantized when the chunk is used).
+constexpr int kChunkK = 4 * kLaneK;
+struct Chunk { uint4 a, u, b, b2; };
 
-__device__ __forceinline__ void load_chunk(Chunk& c, const __nv_bfloat16* gate, const __nv_bfloat16* up,
-                                           const __nv_bfloat16* xr, int k, bool ok) {
+__device__ __forceinline__ void load_chunk(Chunk& c, const WT* gate, const WT* up, const __nv_bfloat16* xr, int k,
+                                           bool ok) {
   c.a = ld_stream(gate + k, ok);
   c.u = ld_stream(up + k, ok);
   c.b = ld_act(xr + k, ok && xr != nullptr);
+  if constexpr (kFp8) c.b2 = ld_act(xr + k + 8, ok && xr != nullptr);
+}
+
+// the B operand of a chunk: bf16 as loaded; fp8: 16 values of x times 1/a_scale, rounded to e4m3
+__device__ __forceinline__ uint4 b_operand(const Chunk& c, float inv_a) {
+  if constexpr (kFp8) {
+    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&c.b);
+    const __nv_bfloat16* h2 = reinterpret_cast<const __nv_bfloat16*>(&c.b2);
+    auto f = [&](int i) { return __bfloat162float(i < 8 ? h[i] : h2[i - 8]) * inv_a; };
+    return make_uint4(e4m3x4(f(0), f(1), f(2), f(3)), e4m3x4(f(4), f(5), f(6), f(7)),
+                      e4m3x4(f(8), f(9), f(10), f(11)), e4m3x4(f(12), f(13), f(14), f(15)));
+  } else {
+    return c.b;
+  }
 }
 
 // grid (P = T * topk pairs, ceil(I / 8 / (kWarps / split))); block kWarps * 32. Warp w serves rows
@@ -213,9 +248,10 @@ __device__ __forceinline__ void load_chunk(Chunk& c, const __nv_bfloat16* gate, 
 // shared memory. Dynamic shared memory: min(P, kIdsCap) ids + (E + 1) ints of CTA (0, 0)'s histogram (or 0).
 __global__ void __launch_bounds__(kWarps * 32) gemv_stage1(
     const __nv_bfloat16* __restrict__ x, const int32_t* __restrict__ ids, const float* __restrict__ tw,
-    const __nv_bfloat16* __restrict__ w13, __nv_bfloat16* __restrict__ act_out, int32_t* __restrict__ offsets,
+    const WT* __restrict__ w13, WT* __restrict__ act_out, int32_t* __restrict__ offsets,
     int32_t* __restrict__ sorted_pos, int P, int topk, int E, int H, int I, int activation, int hist_ok,
-    int split) {
+    int split, const float* __restrict__ a_scale, const float* __restrict__ w_scale,
+    const float* __restrict__ a2_scale) {
   extern __shared__ int s_dyn[];
   int* s_ids = s_dyn;
   __shared__ int s_member[8];
@@ -254,9 +290,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_stage1(
   const int ib = warp / split, ks = warp % split;
   const int i0 = (blockIdx.y * (kWarps / split) + ib) * 8;
   const bool rows_ok = i0 < I;  // I % 8 == 0: an i-block is whole or absent
-  const __nv_bfloat16* gate = w13 + (int64_t(e) * 2 * I + (rows_ok ? i0 : 0) + g) * H;
-  const __nv_bfloat16* up = gate + int64_t(I) * H;
-  const int nch = (H + 31) / 32;  // 32-element K chunks (H % 16 == 0: the last may be half)
+  const WT* gate = w13 + (int64_t(e) * 2 * I + (rows_ok ? i0 : 0) + g) * H;
+  const WT* up = gate + int64_t(I) * H;
+  const int nch = (H + kChunkK - 1) / kChunkK;  // K chunks (H % 16 == 0: a lane's 16 bytes are whole or absent)
+  const float inv_a = kFp8 ? 1.0f / a_scale[0] : 1.0f;
   const int per = (nch + split - 1) / split;
   const int ch0 = ks * per, ch1 = rows_ok ? min(nch, ch0 + per) : ch0;
 
@@ -280,22 +317,23 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_stage1(
     Chunk cur[kUnroll], nxt[kUnroll];
 #pragma unroll
     for (int r = 0; r < kUnroll; ++r) {
-      const int k = (ch0 + r) * 32 + c * 8;
+      const int k = (ch0 + r) * kChunkK + c * kLaneK;
       load_chunk(cur[r], gate, up, xr, k, ch0 + r < ch1 && k < H);
     }
     for (int ch = ch0; ch < ch1; ch += kUnroll) {
 #pragma unroll
       for (int r = 0; r < kUnroll; ++r) {
-        const int k = (ch + kUnroll + r) * 32 + c * 8;
+        const int k = (ch + kUnroll + r) * kChunkK + c * kLaneK;
         load_chunk(nxt[r], gate, up, xr, k, ch + kUnroll + r < ch1 && k < H);
       }
 #pragma unroll
       for (int r = 0; r < kUnroll; ++r) {
-        // K permutation shared by both operands: lane (g, c) owns MMA k = 2c, 2c+1, 2c+8, 2c+9 of each
-        // 16-step and loads memory elements c*8 .. c*8+7 of the 32-chunk: the first 4 feed step 0, the rest
-        // step 1. A rows: g = gate row i0+g, g+8 = up row i0+g; B column g = member g.
-        mma16816(d, cur[r].a.x, cur[r].u.x, cur[r].a.y, cur[r].u.y, cur[r].b.x, cur[r].b.y);
-        mma16816(d, cur[r].a.z, cur[r].u.z, cur[r].a.w, cur[r].u.w, cur[r].b.z, cur[r].b.w);
+        // K permutation shared by both operands: lane (g, c) owns 4 bytes of K at a0/b0 and 4 at a2/b1 of each
+        // MMA step and loads 16 contiguous bytes of the chunk (elements c*kLaneK ..): the first 8 bytes feed
+        // step 0, the rest step 1. A rows: g = gate row i0+g, g+8 = up row i0+g; B column g = member g.
+        const uint4 b = b_operand(cur[r], inv_a);
+        mma_step(d, cur[r].a.x, cur[r].u.x, cur[r].a.y, cur[r].u.y, b.x, b.y);
+        mma_step(d, cur[r].a.z, cur[r].u.z, cur[r].a.w, cur[r].u.w, b.z, b.w);
       }
 #pragma unroll
       for (int r = 0; r < kUnroll; ++r) cur[r] = nxt[r];
@@ -316,8 +354,18 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_stage1(
         if (m < gc) {
           const int q = s_member[m];
           const int row = base + m0 + m;
-          const float y = act_fn(v[h], activation) * v[2 + h] * tw[q];
-          act_out[int64_t(row) * I + i0 + g] = __float2bfloat16(y);
+          if constexpr (kFp8) {  // as the CUTLASS units: h = acc * a_scale * w_scale[e] kept in bf16, then the
+            // routed, weighted activation quantized with a2_scale
+            const float alpha = a_scale[0] * w_scale[e];
+            const float gv = __bfloat162float(__float2bfloat16(v[h] * alpha));
+            const float uv = __bfloat162float(__float2bfloat16(v[2 + h] * alpha));
+            const float y = act_fn(gv, activation) * uv * (tw[q] / a2_scale[0]);
+            act_out[int64_t(row) * I + i0 + g] =
+                uint8_t(__nv_cvt_float_to_fp8(y, __NV_SATFINITE, __NV_E4M3));
+          } else {
+            const float y = act_fn(v[h], activation) * v[2 + h] * tw[q];
+            act_out[int64_t(row) * I + i0 + g] = __float2bfloat16(y);
+          }
           if (blockIdx.y == 0 && i0 == 0 && g == 0) sorted_pos[q] = row;
         }
       }
@@ -332,7 +380,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_stage1(
 """ + STAGE1_SIGNATURE + r"""  using namespace jk;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_);
   if (T < 0 || topk <= 0 || E <= 0 || H <= 0 || I <= 0 || (H % 16) || (I % 16)) return int(cudaErrorInvalidValue);
-  if (a_scale || w_scale || a2_scale) return int(cudaErrorInvalidValue);  // bf16: no scales
+  if (kFp8 ? !(a_scale && w_scale && a2_scale) : (a_scale || w_scale || a2_scale)) return int(cudaErrorInvalidValue);
   if (!workspace) {  // no workspace is used; a non-empty size keeps the caller's buffer non-NULL
     if (workspace_bytes) *workspace_bytes = 256;
     return 0;
@@ -353,9 +401,9 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_stage1(
   dim3 grid(unsigned(P), unsigned((blocks8 + per_cta - 1) / per_cta));
   const size_t smem = sizeof(int) * (size_t(cap) + (hist_ok ? size_t(E) + 1 : 0));
   gemv_stage1<<<grid, kWarps * 32, smem, stream>>>(
-      static_cast<const __nv_bfloat16*>(x), topk_ids, topk_w, static_cast<const __nv_bfloat16*>(w13),
-      static_cast<__nv_bfloat16*>(act_out), expert_offsets, sorted_pos, int(P), topk, E, H, I, activation, hist_ok,
-      split);
+      static_cast<const __nv_bfloat16*>(x), topk_ids, topk_w, static_cast<const WT*>(w13),
+      static_cast<WT*>(act_out), expert_offsets, sorted_pos, int(P), topk, E, H, I, activation, hist_ok,
+      split, a_scale, w_scale, a2_scale);
   return int(cudaGetLastError());
 }
 """
@@ -364,12 +412,39 @@ _STAGE2 = r"""
 namespace {
 namespace jk {
 
+// two e4m3 (low half of v) -> two floats
+__device__ __forceinline__ float2 e4m3x2_f(uint32_t v) {
+  __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(v & 0xffffu), __NV_E4M3);
+  return __half22float2(*reinterpret_cast<__half2*>(&h));
+}
+
 __device__ __forceinline__ float lo_f(uint32_t v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float hi_f(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
 
-__device__ __forceinline__ float dot8(const uint4& w, const uint4& a) {
-  return lo_f(w.x) * lo_f(a.x) + hi_f(w.x) * hi_f(a.x) + lo_f(w.y) * lo_f(a.y) + hi_f(w.y) * hi_f(a.y)
-       + lo_f(w.z) * lo_f(a.z) + hi_f(w.z) * hi_f(a.z) + lo_f(w.w) * lo_f(a.w) + hi_f(w.w) * hi_f(a.w);
+// the activations of one 16-byte load as floats (8 bf16 or 16 e4m3)
+struct ActF { float v[kLaneK]; };
+__device__ __forceinline__ ActF act_floats(const uint4& a) {
+  ActF f;
+  const uint32_t r[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (kFp8) {
+      const float2 p = e4m3x2_f(r[i]), q = e4m3x2_f(r[i] >> 16);
+      f.v[4 * i] = p.x; f.v[4 * i + 1] = p.y; f.v[4 * i + 2] = q.x; f.v[4 * i + 3] = q.y;
+    } else {
+      f.v[2 * i] = lo_f(r[i]); f.v[2 * i + 1] = hi_f(r[i]);
+    }
+  }
+  return f;
+}
+
+// 16 bytes of one weight row against the activations of the same K positions
+__device__ __forceinline__ float dot16b(const uint4& w, const ActF& a) {
+  const ActF wf = act_floats(w);
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < kLaneK; ++i) s += wf.v[i] * a.v[i];
+  return s;
 }
 
 // the expert of sorted row pos: the largest e with off[e] <= pos (off[E] > pos)
@@ -390,9 +465,9 @@ constexpr int kOffCap = 8192;   // experts whose offsets are staged in shared me
 // kOffCap). Warp w serves rows group w / split and every split-th (row, K step) item from w % split; the split
 // warps of a group add their sums through shared memory.
 __global__ void __launch_bounds__(kWarps * 32) gemv_stage2(
-    const __nv_bfloat16* __restrict__ act, const __nv_bfloat16* __restrict__ w2, __nv_bfloat16* __restrict__ out,
+    const WT* __restrict__ act, const WT* __restrict__ w2, __nv_bfloat16* __restrict__ out,
     const int32_t* __restrict__ offsets, const int32_t* __restrict__ sorted_pos, int topk, int E, int H, int I,
-    int split) {
+    int split, const float* __restrict__ a2_scale, const float* __restrict__ w2_scale) {
   extern __shared__ int s_off[];
   __shared__ int s_pos[32], s_e[32], s_n;
   __shared__ float s_red[kWarps][kRows];
@@ -406,7 +481,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_stage2(
   float acc[kRows];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) acc[r] = 0.f;
-  const int kit = (I + 255) / 256;  // 256-element K steps of one row (8 per lane)
+  constexpr int kStep = 32 * kLaneK;  // K elements of one item: 16 bytes per lane
+  const int kit = (I + kStep - 1) / kStep;
   for (int j0 = 0; j0 < topk; j0 += 32) {
     __syncthreads();
     if (warp == 0) {  // this token's routed rows among pairs j0..j0+31, compacted (skipped pairs dropped)
@@ -425,22 +501,25 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_stage2(
     const int items = s_n * kit;
     for (int it0 = sp * kJ; it0 < items; it0 += kJ * split) {
       uint4 a[kJ], w[kJ][kRows];
+      float sc[kJ];  // fp8: a2_scale * w2_scale[e] of each item
 #pragma unroll
       for (int q = 0; q < kJ; ++q) {
         const int it = it0 + q;
         const int j = it / kit;
-        const int k = (it - j * kit) * 256 + lane * 8;
+        const int k = (it - j * kit) * kStep + lane * kLaneK;
         const bool ok = it < items && k < I;
         const int pos = ok ? s_pos[j] : 0, e = ok ? s_e[j] : 0;
         a[q] = ld_act(act + int64_t(pos) * I + k, ok);
-        const __nv_bfloat16* wr = w2 + (int64_t(e) * H + h0) * I + k;
+        sc[q] = kFp8 && ok ? a2_scale[0] * w2_scale[e] : 1.0f;
+        const WT* wr = w2 + (int64_t(e) * H + h0) * I + k;
 #pragma unroll
         for (int r = 0; r < kRows; ++r) w[q][r] = ld_stream(wr + int64_t(r) * I, ok && h0 + r < H);
       }
 #pragma unroll
       for (int q = 0; q < kJ; ++q) {
+        const ActF af = act_floats(a[q]);
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) acc[r] += dot8(w[q][r], a[q]);
+        for (int r = 0; r < kRows; ++r) acc[r] += (kFp8 ? sc[q] : 1.0f) * dot16b(w[q][r], af);
       }
     }
   }
@@ -477,7 +556,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_stage2(
 """ + STAGE2_SIGNATURE + r"""  using namespace jk;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_);
   if (T < 0 || topk <= 0 || E <= 0 || H <= 0 || I <= 0 || (H % 16) || (I % 16)) return int(cudaErrorInvalidValue);
-  if (a2_scale || w2_scale) return int(cudaErrorInvalidValue);  // bf16: no scales
+  if (kFp8 ? !(a2_scale && w2_scale) : (a2_scale || w2_scale)) return int(cudaErrorInvalidValue);
   if (!workspace) {
     if (workspace_bytes) *workspace_bytes = 256;
     return 0;
@@ -492,8 +571,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_stage2(
   dim3 grid(unsigned(T), unsigned((H + rows_per_cta - 1) / rows_per_cta));
   const size_t smem = E < kOffCap ? sizeof(int) * (size_t(E) + 1) : 0;
   gemv_stage2<<<grid, kWarps * 32, smem, stream>>>(
-      static_cast<const __nv_bfloat16*>(act), static_cast<const __nv_bfloat16*>(w2),
-      static_cast<__nv_bfloat16*>(out), expert_offsets, sorted_pos, topk, E, H, I, split);
+      static_cast<const WT*>(act), static_cast<const WT*>(w2),
+      static_cast<__nv_bfloat16*>(out), expert_offsets, sorted_pos, topk, E, H, I, split, a2_scale, w2_scale);
   return int(cudaGetLastError());
 }
 """
@@ -502,7 +581,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_stage2(
 def render_gemv(inst: MoEGemv) -> str:
     text = _COMMON + (_STAGE1 if inst.stage == 1 else _STAGE2)
     for k, v in dict(name=inst.name, symbol=inst.symbol, digest16=inst.digest[:16], warps=inst.warps,
-                     unroll=inst.unroll).items():
+                     unroll=inst.unroll, fp8="true" if inst.dtype == "fp8" else "false").items():
         text = text.replace(f"@@{k}@@", str(v))
     assert "@@" not in text, "a template field without a value"
     return text

@@ -32,7 +32,7 @@ Tiles (M x N x K; schedule; cluster) and why each exists:
     inter_dim <= 256: a deployment with inter_dim > 256 (Kimi-K2 at tp <= 4 or ep 8, DeepSeek-V3, Qwen3)
     never selects it, so its plan does not build it.
 
-``GEMV`` (bf16, both stages; :mod:`.gemv`) -- the weight-stream units, one launch per stage with routing and
+``GEMV`` (bf16 and per-tensor fp8, both stages; :mod:`.gemv`) -- the weight-stream units, one launch per stage with routing and
     combine inside, for decode: an active expert sees about one row, so every tile above is mostly padding and
     the CUTLASS path pays eight launches around a weight stream. Measured on the H200 against the tiles, stage by
     stage, on six shapes at 1-128 tokens (bench/results/moe-sweep-gemv-h200.json), with m = expected rows per
@@ -43,8 +43,9 @@ Tiles (M x N x K; schedule; cluster) and why each exists:
     or m <= ``GEMV_ROWS_S2_SHORT`` (2.5) while the tile GEMM is short (inter_dim <= 256: at most two 128-deep
     k-tiles) or its grid small (active experts x H/128 <= ``FEW_TILES``).
     The GEMV stage 1 writes the same sorted rows, offsets and positions as the CUTLASS one, so either stage 1
-    pairs with either stage 2. Not for fp8 / fp8b128 (their GEMMs keep the tiles) nor for the CuTe DSL variant
-    (whose subject is the DSL GEMM).
+    pairs with either stage 2. fp8 (e4m3 weights, per-expert scales) uses the same units with e4m3 MMAs (stage 1
+    quantizes x with the static a_scale as the CUTLASS gather does) and the same thresholds. Not for fp8b128 (its
+    GEMMs keep the tiles) nor for the CuTe DSL variant (whose subject is the DSL GEMM).
 
 fp8 (e4m3, per-tensor activation scale, per-expert weight scale) uses the same tile shapes with K tiles
 of 128 elements (128 bytes: the same swizzle atom bf16 gets from K=64) and the FP8 fast-accumulation
@@ -88,7 +89,9 @@ GEMV_ROWS_S2 = 1.5
 GEMV_ROWS_S2_SHORT = 2.5
 """... or <= this while the tile GEMM is short (inter_dim <= SMALL_INTER_DIM) or its grid small."""
 FEW_TILES = 3 * SM_COUNT
-GEMV = {1: MoEGemv1(dtype="bf16", warps=8, unroll=4), 2: MoEGemv2(dtype="bf16", warps=4, unroll=4)}
+GEMV_DTYPES = ("bf16", "fp8")
+GEMV = {(dt, st): cls(dtype=dt, warps=w, unroll=4) for dt in GEMV_DTYPES
+        for st, cls, w in ((1, MoEGemv1, 8), (2, MoEGemv2, 4))}
 
 
 def _k(dtype: str, bf16_k: int) -> int:
@@ -118,12 +121,12 @@ STAGE2_ROLES = ("DECODE_N64", "DECODE_N128", "MEDIUM", "LARGE", "SMALL_K")
 
 
 def candidates(dtype: str, gemv: bool = True) -> list:
-    """Every instance ``select`` can return for ``dtype`` (``gemv``: with the weight-stream units, bf16 only)."""
+    """Every instance ``select`` can return for ``dtype`` (``gemv``: with the weight-stream units, bf16 and fp8)."""
     t = tiles(dtype)
     out: list = [MoEStage1(dtype=dtype, **t[r]) for r in STAGE1_ROLES if r in t]
     out += [MoEStage2(dtype=dtype, **t[r]) for r in STAGE2_ROLES if r in t]
-    if gemv and dtype == "bf16":
-        out += [GEMV[1], GEMV[2]]
+    if gemv and dtype in GEMV_DTYPES:
+        out += [GEMV[(dtype, 1)], GEMV[(dtype, 2)]]
     return out
 
 
@@ -144,7 +147,7 @@ def rows_per_active_expert(p: Mapping[str, Any]) -> float:
 
 
 def use_gemv(stage: int, p: Mapping[str, Any]) -> bool:
-    """Whether ``stage`` takes the weight-stream unit (bf16; see the module docstring for the measurements)."""
+    """Whether ``stage`` takes the weight-stream unit (bf16, fp8; see the module docstring for the measurements)."""
     m = rows_per_active_expert(p)
     n = 2 * p["inter_dim"] if stage == 1 else p["hidden"]
     few = active_experts(p) * math.ceil(n / 128) <= FEW_TILES
@@ -155,7 +158,7 @@ def use_gemv(stage: int, p: Mapping[str, Any]) -> bool:
 
 def role(stage: int, p: Mapping[str, Any], dtype: str = "bf16", gemv: bool = True) -> str:
     m = rows_per_expert(p)
-    if gemv and dtype == "bf16" and use_gemv(stage, p):
+    if gemv and dtype in GEMV_DTYPES and use_gemv(stage, p):
         return "GEMV"
     if dtype == "fp8b128":  # three tiles (see the module docstring)
         if m <= DECODE_ROWS or (stage == 2 and p["inter_dim"] <= SMALL_INTER_DIM):
@@ -177,7 +180,7 @@ def select(dtype: str, p: Mapping[str, Any], gemv: bool = True) -> dict:
     out = {}
     for stage, cls in ((1, MoEStage1), (2, MoEStage2)):
         r = role(stage, p, dtype, gemv)
-        out[f"stage{stage}"] = GEMV[stage] if r == "GEMV" else cls(dtype=dtype, **t[r])
+        out[f"stage{stage}"] = GEMV[(dtype, stage)] if r == "GEMV" else cls(dtype=dtype, **t[r])
     return out
 
 
@@ -217,7 +220,7 @@ def rule(inst) -> str:
         else:
             when = (f"<= {GEMV_ROWS_S2:g} expected rows per active expert, or <= {GEMV_ROWS_S2_SHORT:g} with "
                     f"inter_dim <= {SMALL_INTER_DIM} or at most {FEW_TILES} output tiles")
-        return (f"stage {inst.stage}, GEMV: bf16 with {when} (decode: one launch, weights streamed; the tiles "
+        return (f"stage {inst.stage}, GEMV: {inst.dtype} with {when} (decode: one launch, weights streamed; the tiles "
                 f"would be mostly padding)")
     if inst.dtype == "fp8b128":
         text = RULES_B128[r]
