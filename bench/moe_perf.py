@@ -146,8 +146,11 @@ def main():
     vl = None
     if a.vllm:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from vllm_moe import load as load_vllm
-        vl = load_vllm(a.vllm)
+        from vllm_moe import VllmUnavailable, load as load_vllm
+        try:
+            vl = load_vllm(a.vllm)
+        except VllmUnavailable as e:
+            sys.exit(f"moe_perf: {e}")
     from moe_build import ForcedModule, build
     mod, _ = build("bf16", a.build, verbose=False)
     mod8 = build("fp8", a.build, verbose=False)[0] if a.fp8 else None

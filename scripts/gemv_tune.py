@@ -21,8 +21,11 @@ from jitkiln.families.moe2stage.gemv import MoEGemv1, MoEGemv2  # noqa: E402
 def variants(text, cls):
     out = []
     for item in filter(None, text.split(",")):
-        w, u = (int(v) for v in item.split("x"))
-        out.append(cls(dtype="bf16", warps=w, unroll=u))
+        try:
+            w, u = (int(v) for v in item.split("x"))
+            out.append(cls(dtype="bf16", warps=w, unroll=u))
+        except ValueError as e:
+            sys.exit(f"gemv_tune: bad variant {item!r} ({e}); write WARPSxUNROLL, e.g. 8x4,4x2")
     return out
 
 

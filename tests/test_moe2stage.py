@@ -1,6 +1,7 @@
 """moe2stage on the CPU: declaration, planning, shapes, rendering (no GPU; one real compile marked slow)."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -245,6 +246,45 @@ def test_real_nvcc_compile_one_instance(fam, cache_dir):
     assert "-DNDEBUG" in log and "C7510" not in log
     mod = Module(plan, store)
     assert mod.load_available() == 1 and mod.is_loaded(inst)  # loaded, name and symbols checked
+
+
+def test_real_nvcc_compile_gemv_units(fam, cache_dir):
+    """The weight-stream units (plain CUDA, a few seconds each) of bf16 and fp8 compile with the family's flags
+    without spills, load, and export the ABI under their names; a launch with bad scales is refused on the host."""
+    if not shutil.which("nvcc"):
+        pytest.skip("no nvcc")
+    try:
+        fam.compile_spec("bf16")
+    except Exception:  # noqa: BLE001
+        pytest.skip("no CUTLASS headers (pip install nvidia-cutlass)")
+    from jitkiln.build import Builder
+    from jitkiln.plan import make_plan
+    from jitkiln.runtime import Module
+    from jitkiln.store import Store
+    decode = {"tokens": 1, "hidden": 7168, "inter_dim": 256, "experts": 384, "topk": 8}
+    store = Store()
+    for variant in ("bf16", "fp8"):
+        sel = fam.select(variant, decode)
+        assert all(is_gemv(i) and i.dtype == variant for i in sel.values())
+        plan = make_plan(fam, variant, [decode], require_compiler=True)
+        rec = Builder(store, jobs=1, progress=False).build(plan)
+        assert {u.status for u in rec.units} <= {"compiled", "hit"} and len(rec.units) == 2
+        for u in plan.units:  # the family builds with -Xptxas=-warn-spills
+            log = store.log_path(u.ukey).read_text() if store.log_path(u.ukey).exists() else ""
+            assert not re.search(r"warning.*spill", log, re.I), log[-2000:]
+        mod = Module(plan, store)
+        assert mod.load_available() == 2 and all(mod.is_loaded(i) for i in sel.values())
+        import ctypes
+        n = ctypes.c_size_t(0)
+        s1 = mod.launcher(sel["stage1"])
+        # size query: bf16 takes no scales, fp8 needs all three (refused without them, before any CUDA call)
+        scale = ctypes.c_float(1.0)
+        sp = ctypes.cast(ctypes.pointer(scale), ctypes.c_void_p).value
+        args = [None] * 7 + [1, 8, 384, 7168, 256, 0]
+        ok = (None, None, None) if variant == "bf16" else (sp, sp, sp)
+        bad = (sp, None, None) if variant == "bf16" else (None, None, None)
+        assert s1(*args, *ok, None, ctypes.byref(n), None) == 0 and n.value > 0
+        assert s1(*args, *bad, None, ctypes.byref(n), None) != 0
 
 
 # --- fp8b128: e4m3 with 128-block scales (weights 128x128, activations 1x128) --------------------------------
