@@ -6,24 +6,28 @@ setup, GEMM, activation, setup, GEMM and combine -- eight launches -- and reads 
 These two units do the same two stages in one launch each, with the same C ABI and the same outputs, so either
 may pair with the other stage's CUTLASS unit:
 
-Stage 1 (``gemv1``): one CTA per (token-expert pair, 8 rows of I). The CTA of the first pair routed to an expert
-    (its "leader") serves every pair routed to that expert (the expert's weights are read once), the others exit.
-    Routing is computed in the CTA (a ballot scan of ``topk_ids``: the pair's sorted row = local pairs routed to a
-    lower expert + earlier pairs routed to the same one), so there is no routing launch; CTA (0, 0) also writes
-    ``expert_offsets``. The product uses the tensor cores with the *weights* as the MMA's M side
-    (``mma.sync m16n8k16``: gate rows i..i+7 are M rows 0-7 and up rows I+i..I+i+7 are M rows 8-15, so each
-    thread ends holding gate and up of the same (row, pair) and applies act(gate)*up*w in registers) and up to 8
-    pairs as N: each 16-byte weight load feeds two MMAs directly from registers (a fixed permutation of K, applied
-    to both operands, lets every lane load 8 contiguous elements). The CTA's warps split K (the hidden size) and
-    reduce through shared memory. Groups larger than 8 pairs take further passes over the same weight rows.
+Stage 1 (``gemv1``): one CTA per (token-expert pair, a few blocks of 8 rows of I). The CTA of the first pair
+    routed to an expert (its "leader") serves every pair routed to that expert (the expert's weights are read
+    once), the others exit. Routing is computed in the CTA (the ids staged in shared memory and counted: the
+    pair's sorted row = local pairs routed to a lower expert + earlier pairs routed to the same one), so there is
+    no routing launch; CTA (0, 0) also writes ``expert_offsets``. The product uses the tensor cores with the
+    *weights* as the MMA's M side (``mma.sync`` m16n8k16 bf16 / m16n8k32 e4m3: gate rows i..i+7 are M rows 0-7 and
+    up rows I+i..I+i+7 are M rows 8-15, so each thread ends holding gate and up of the same (row, pair) and applies
+    act(gate)*up*w in registers) and up to 8 pairs as N: each 16-byte weight load feeds two MMAs directly from
+    registers (a fixed permutation of K, applied to both operands, lets every lane load 16 contiguous bytes).
+    Warps of one block of rows split K (the hidden size) when there are few pairs -- the split is chosen at
+    launch from the experts the pairs are expected to reach -- and reduce through shared memory; the next chunks'
+    loads are in flight while the current ones feed the MMAs. Groups larger than 8 pairs take further passes.
+    fp8: x is quantized with the static ``a_scale`` as it is loaded (as the CUTLASS gather does), h = acc *
+    a_scale * w_scale[e] is kept in bf16 and the routed, weighted activation is rounded to e4m3 with a2_scale.
 Stage 2 (``gemv2``): one CTA per (token, a few output rows); a warp (or, when tokens x rows are few, several
     warps splitting the work) streams those rows of the k experts' W2 (16-byte loads, 4 (expert, K step) items in
     flight) against the token's k activation rows and writes the combined, finished bf16 output -- the combine
-    is the sum in registers, no second launch. A weight row shared by two
-    tokens is read per token (the second read from L2): the heuristic takes this unit only where an expert sees
-    about one row.
+    is the sum in registers, no second launch. A weight row shared by two tokens is read per token (the second
+    read from L2): the heuristic takes this unit only where an expert sees about one or two rows.
 
-Both read weights with ``ld.global.nc.L1::no_allocate`` (streamed past L1) and accumulate in float32.
+Both read weights with ``ld.global.nc.L1::no_allocate`` (streamed past L1, predicated inside the asm so that no
+masked-off load is ever issued) and accumulate in float32.
 
 Longer than 400 lines: it is mostly the CUDA text of the two units.
 """
