@@ -73,7 +73,11 @@ TOL_FP8_MODEL = 8e-2
 FP8_BASE = 1e-2
 FLIP_WINDOW = 2.0 ** -6
 FLIP_Z = 6.0
-ACC_ERR = 2.0 ** -7  # FP8 fast accumulation: relative to the root-sum-square of the summed products
+# FP8 fast accumulation (the CUTLASS fp8 tiles: wgmma accumulates e4m3 products without periodic promotion to
+# float32), relative to the root-sum-square of the summed products. 2^-7 was exceeded by one activation in ~10^5
+# (Kimi-K2 shape, K = 7168, skewed routing) in 2 of 6 H200 runs, by every CUTLASS tile alike and never by the GEMV
+# units (float32-accumulating mma.sync): 2^-6.
+ACC_ERR = 2.0 ** -6
 
 
 def e4m3_boundaries(dev):
@@ -345,8 +349,11 @@ def main():
         # H % 32 == 16, I not a multiple of 256, 10 x 4 picks on 5 experts (groups over 8), repeated ids
         make_case("odd dims T=10 repeated ids", 10, 1040, 48, 5, 4, gen, variant=a.variant),
         make_case("top-1 T=3", 3, 512, 64, 4, 1, gen, variant=a.variant),
+        # 8200 experts: the GEMV units' fallbacks (offsets counted without a shared-memory histogram, the expert
+        # lookup in global memory)
+        make_case("8200 experts T=5", 5, 32, 16, 8200, 2, gen, variant=a.variant),
     ]
-    cases[-2]["ids"][:, 1] = cases[-2]["ids"][:, 0]  # a token routed twice to one expert
+    cases[-3]["ids"][:, 1] = cases[-3]["ids"][:, 0]  # a token routed twice to one expert
     if a.variant == "fp8b128":  # e4m3 hidden states with caller-given 1x128 scales (DeepSeek-style input)
         cases.append(make_case("prequant e4m3 x T=200", 200, 2048, 768, 64, 8, gen, routing="skewed",
                                variant=a.variant, prequant=True))
