@@ -8,7 +8,11 @@ dir=${1:-.gpu/vllm}
 ver=${2:-0.33.0}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-python3 -m pip download -q --no-deps "vllm==$ver" -d "$tmp" || { echo "vllm_fetch: pip download vllm==$ver failed (network, or no such version)" >&2; exit 1; }
+if ! python3 -m pip download -q --no-deps "vllm==$ver" -d "$tmp" > "$tmp/pip.log" 2>&1; then
+  echo "vllm_fetch: pip download vllm==$ver failed (no such version, or no network); pip said:" >&2
+  grep -E "^ERROR" "$tmp/pip.log" | tail -2 | cut -c1-300 >&2
+  exit 1
+fi
 whl=$(ls "$tmp"/vllm-*.whl | head -1)
 src=vllm/model_executor/layers/fused_moe
 python3 - "$whl" "$dir" "$ver" "$src" <<'PY'
