@@ -143,6 +143,14 @@ def main():
     a = ap.parse_args()
     if a.tokens == "all":
         a.tokens = ",".join(map(str, ALL_TOKENS))
+    bad = [s for s in a.shapes.split(",") if s not in SHAPES]
+    if bad:
+        sys.exit(f"moe_perf: unknown shape(s) {', '.join(bad)}: choose from {', '.join(SHAPES)}")
+    try:
+        toks = [int(t) for t in a.tokens.split(",")]
+        assert toks and min(toks) >= 1
+    except (ValueError, AssertionError):
+        sys.exit(f"moe_perf: --tokens {a.tokens!r}: a comma list of positive integers, or 'all'")
     vl = None
     if a.vllm:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -151,6 +159,8 @@ def main():
             vl = load_vllm(a.vllm)
         except VllmUnavailable as e:
             sys.exit(f"moe_perf: {e}")
+    if not torch.cuda.is_available():
+        sys.exit("moe_perf: no CUDA device here: run it on the GPU machine (scripts/gpu_decode.sh)")
     from moe_build import ForcedModule, build
     mod, _ = build("bf16", a.build, verbose=False)
     mod8 = build("fp8", a.build, verbose=False)[0] if a.fp8 else None

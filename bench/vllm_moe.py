@@ -64,11 +64,12 @@ class VllmMoE:
 
     def __init__(self, folder: str):
         import torch
+        path = os.path.join(folder, "fused_moe.py")
+        if not os.path.isdir(folder) or not os.path.isfile(path):
+            raise VllmUnavailable(f"{folder} is not a folder holding vLLM's fused_moe.py: run "
+                                  f"scripts/vllm_fetch.sh {folder} (a pip download of vllm) first")
         if _silu_and_mul is None:
             raise VllmUnavailable("Triton is not installed: vLLM's Triton MoE cannot run here")
-        path = os.path.join(folder, "fused_moe.py")
-        if not os.path.exists(path):
-            raise VllmUnavailable(f"{path} not found: run scripts/vllm_fetch.sh {folder} (pip download of vllm)")
         src = open(path).read()
         self.version = open(os.path.join(folder, "VERSION")).read().strip() if os.path.exists(
             os.path.join(folder, "VERSION")) else "unknown"

@@ -33,6 +33,8 @@ def main():
     argv = sys.argv[1:]
     rest = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
+    if len(own) % 2 or any(k not in ("--s1", "--s2") for k in own[::2]):
+        sys.exit("gemv_tune: usage: gemv_tune.py [--s1 WxU,..] [--s2 WxU,..] -- <bench/moe_perf.py arguments>")
     opts = dict(zip(own[::2], own[1::2]))
     extra = variants(opts.get("--s1", ""), MoEGemv1) + variants(opts.get("--s2", ""), MoEGemv2)
     base = heuristic.candidates

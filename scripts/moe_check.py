@@ -326,6 +326,8 @@ def main():
     ap.add_argument("--grid", action="store_true", help="also the bench shapes at --grid-tokens")
     ap.add_argument("--grid-tokens", default="1,16,64,512,4096")
     a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("moe_check: no CUDA device here: run it on the GPU machine (scripts/gpu_decode.sh check)")
     seed = int(time.time() * 1e6) % (2 ** 31)
     print(f"seed {seed}", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(seed)

@@ -6,6 +6,8 @@
 set -euo pipefail
 dir=${1:-.gpu/vllm}
 ver=${2:-0.33.0}
+if [ -e "$dir" ] && [ ! -d "$dir" ]; then echo "vllm_fetch: $dir is a file, not a folder: name a folder to write into" >&2; exit 2; fi
+mkdir -p "$dir" 2>/dev/null || { echo "vllm_fetch: cannot create the folder $dir" >&2; exit 2; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 if ! python3 -m pip download -q --no-deps "vllm==$ver" -d "$tmp" > "$tmp/pip.log" 2>&1; then

@@ -41,3 +41,11 @@ def test_extract_names_what_is_missing():
     assert _extract(src, ("a",)).startswith("@deco\ndef a(p):")
     with pytest.raises(VllmUnavailable, match="has no c"):
         _extract(src, ("a", "c"))
+
+
+def test_load_names_a_missing_or_wrong_folder(tmp_path):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    for bad in (f, tmp_path / "missing", tmp_path):  # a file, nothing, a folder without fused_moe.py
+        with pytest.raises(VllmUnavailable, match="scripts/vllm_fetch.sh"):
+            VllmMoE(str(bad))
