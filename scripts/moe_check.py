@@ -33,9 +33,10 @@ from jitkiln.families.moe2stage.gemv import is_gemv  # noqa: E402
 
 from jitkiln.families.moe2stage.torch_ops import fused_moe, quantize_1x128, reference_moe  # noqa: E402
 
-TOL = {"bf16": 1e-2, "bf16-dsl": 1e-2, "fp8": 3e-2, "fp8b128": 2e-2}
-# fp8: against a reference that rounds x and the activation to e4m3 like the kernels do (kernel-exact), the
-# error is bf16-level plus the FP8 fast-accumulation schedules' loss (wgmma accumulates fp8 products without
+TOL = {"bf16": 1e-2, "bf16-dsl": 1e-2, "fp8b128": 2e-2}
+# fp8 (per-tensor) takes its bound per case now (case_tol, FP8_BASE below). The fixed bound it replaced: against
+# a reference that rounds x and the activation to e4m3 like the kernels do (kernel-exact), the error is bf16-level
+# plus the FP8 fast-accumulation schedules' loss (wgmma accumulates fp8 products without
 # periodic promotion to float32) plus rare one-ulp e4m3 flips: measured up to 1.86e-2 at K = 7168
 # (2026 run, seed 63808933) against a first bound of 2e-2 set before that run; raised to 3e-2 after it.
 # Against the unquantized-activation reference ("model" error, reported) two e4m3
@@ -89,7 +90,7 @@ def e4m3_boundaries(dev):
 
 def case_tol(c, variant, activation="silu", ref=None):
     """The bound of case ``c``: TOL[variant], or for per-tensor fp8 FP8_BASE + its flip allowance."""
-    if variant != "fp8" or not c.get("scales"):
+    if variant != "fp8":
         return TOL[variant]
     key = ("_tol", activation) if ref is None else None
     if key and key in c:
@@ -361,7 +362,6 @@ def main():
                                variant=a.variant, prequant=True))
     results = []
     worst = 0.0
-    tol = TOL[a.variant]
     # every stage-1 candidate with a CUTLASS stage 2 and with the weight-stream (GEMV) stage 2, every stage-2
     # candidate with a CUTLASS stage 1 and the GEMV stage 1: the two kinds share the sorted layout between stages
     tile1 = [i for i in s1s if not is_gemv(i)][:1]

@@ -81,11 +81,11 @@ DECODE_ROWS = 32
 MEDIUM_ROWS = 128
 SM_COUNT = 132  # H100 SXM; only used to judge "enough tiles", not a correctness input
 GEMV_ROWS_S1 = 1.15
-"""Stage 1 is the GEMV unit while the expected rows per active expert are <= this (bf16) ..."""
+"""Stage 1 is the GEMV unit while the expected rows per active expert are <= this (bf16, fp8) ..."""
 GEMV_ROWS_FEW = 4.5
 """... or <= this while the stage's tile grid is small (<= FEW_TILES tiles)."""
 GEMV_ROWS_S2 = 1.5
-"""Stage 2 is the GEMV unit while the expected rows per active expert are <= this (bf16) ..."""
+"""Stage 2 is the GEMV unit while the expected rows per active expert are <= this (bf16, fp8) ..."""
 GEMV_ROWS_S2_SHORT = 2.5
 """... or <= this while the tile GEMM is short (inter_dim <= SMALL_INTER_DIM) or its grid small."""
 FEW_TILES = 3 * SM_COUNT
