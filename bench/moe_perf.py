@@ -97,6 +97,9 @@ def time_graph(fn, inputs, reps):
             graphs.append(g)
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
+    # warm-up replays, not timed: the first replays after new weights were made (a shape's first row) measured up
+    # to 10 % slower than the same graphs later, whichever path was timed first
+    _time(lambda j: graphs[j % len(graphs)].replay(), 3)
     return _time(lambda j: graphs[j % len(graphs)].replay(), reps)
 
 
@@ -119,6 +122,24 @@ def _time(step, reps):
         b.synchronize()
         samples.append(a.elapsed_time(b) / inner)
     return statistics.median(samples), (max(samples) - min(samples)) / statistics.median(samples)
+
+
+def kernel_times(fn, n_in):
+    """Device time per kernel name (ms per call, the n_in inputs averaged), eager, after one warm-up call each."""
+    from torch.profiler import ProfilerActivity, profile
+    for i in range(n_in):
+        fn(i)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(n_in):
+            fn(i)
+        torch.cuda.synchronize()
+    kt = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            nm = ev.name[:60]
+            kt[nm] = kt.get(nm, 0.0) + ev.device_time / n_in / 1e3
+    return dict(sorted(kt.items(), key=lambda kv: -kv[1])[:12])
 
 
 def main():
@@ -162,6 +183,7 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("moe_perf: no CUDA device here: run it on the GPU machine (scripts/gpu_decode.sh)")
     from moe_build import ForcedModule, build
+    from jitkiln.families.moe2stage.gemv import is_gemv
     mod, _ = build("bf16", a.build, verbose=False)
     mod8 = build("fp8", a.build, verbose=False)[0] if a.fp8 else None
     modb = build("fp8b128", a.build, verbose=False)[0] if a.fp8b128 else None
@@ -287,6 +309,8 @@ def main():
                 o16 = fused_moe(xs[0], w13, w2, rts[0][1], rts[0][0], module=mod, ep=ep).double()
                 res["dsl_rel_diff_vs_bf16"] = ((od - o16).norm() / o16.norm().clamp_min(1e-30)).item()
                 res["dsl_time_ratio"] = res["dsl_ms"] / res["jitkiln_ms"]
+                if "vllm_ms" in res:
+                    res["dsl_vs_vllm"] = res["vllm_ms"] / res["dsl_ms"]
                 res["dsl_instances"] = {s: i.name for s, i in modd.family.select("bf16-dsl", {
                     "tokens": T, "hidden": H, "inter_dim": I, "experts": E, "topk": k, "ep": ep}).items()}
                 print(f"   dsl {res['dsl_ms']:.3f} ms vs C++ {res['jitkiln_ms']:.3f} ms: time ratio "
@@ -300,20 +324,23 @@ def main():
                         fm = ForcedModule(mod, *pair)
                         fj = lambda i: fused_moe(xs[i], w13, w2, rts[i][1], rts[i][0], out=outs[i], module=fm)  # noqa
                         res["sweep"][f"s{st}:{c.name}"] = time_graph(fj, range(n_in), max(5, a.reps // 2))[0]
+                if modd is not None:  # the DSL variant's tiles too (its weight-stream units are bf16's)
+                    dsel = modd.family.select("bf16-dsl", {"tokens": T, "hidden": H, "inter_dim": I, "experts": E,
+                                                           "topk": k, "ep": ep})
+                    for c in [c for c in modd.family.candidates("bf16-dsl") if not is_gemv(c)]:
+                        pair = (c, dsel["stage2"]) if c.stage == 1 else (dsel["stage1"], c)
+                        fm = ForcedModule(modd, *pair)
+                        fj = lambda i: fused_moe(xs[i], w13, w2, rts[i][1], rts[i][0], out=outs[i], module=fm)  # noqa
+                        res["sweep"][f"s{c.stage}:{c.name}"] = time_graph(fj, range(n_in), max(5, a.reps // 2))[0]
                 print("   sweep " + "  ".join(f"{k.split(':')[0]}:{k[13:]} {v:.3f}" for k, v in res["sweep"].items()))
             if (sname.replace(" ", "_"), str(T)) in profile_rows:
-                from torch.profiler import ProfilerActivity, profile
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for i in range(n_in):
-                        jk(i)
-                    torch.cuda.synchronize()
-                kt = {}
-                for ev in prof.events():
-                    if ev.device_type == torch.autograd.DeviceType.CUDA:
-                        nm = ev.name[:60]
-                        kt[nm] = kt.get(nm, 0.0) + ev.device_time / n_in / 1e3
-                res["kernels_ms"] = dict(sorted(kt.items(), key=lambda kv: -kv[1])[:12])
-                print("   kernels: " + "; ".join(f"{k} {v:.3f}" for k, v in res["kernels_ms"].items()))
+                res["kernels_ms"] = kernel_times(jk, n_in)
+                print("   kernels: " + "; ".join(f"{k} {v:.4f}" for k, v in res["kernels_ms"].items()))
+                if vl is not None:
+                    vr0 = lambda i: vl.run(xs[i], w13, w2, rts[i][1], rts[i][0], asg[i], cfg,  # noqa
+                                           vl.caches(T, k, H, I, dev), outs[i], ep)  # noqa
+                    res["vllm_kernels_ms"] = kernel_times(vr0, n_in)
+                    print("   vllm kernels: " + "; ".join(f"{k} {v:.4f}" for k, v in res["vllm_kernels_ms"].items()))
             gm = lambda i: peer_grouped_mm(xs[i], w13, w2, rts[i][1], rts[i][0], masked)  # noqa
             if a.no_grouped_mm:
                 res["grouped_mm_skipped"] = True
@@ -447,18 +474,27 @@ def markdown(meta, rows):
                          f"{r['fp8b128_rel_diff_vs_bf16']:.1e} | {inst} |")
     d = [r for r in rows if "dsl_ms" in r]
     if d:  # the CuTe DSL grouped GEMM (bf16-dsl), same rows, same process
-        lines += ["", "bf16-dsl (CuTe DSL grouped GEMM; same routing, gather, activation and combine kernels) against "
-                  "bf16 (CUTLASS C++ ptr-array grouped GEMM); time ratio = DSL ms / C++ ms (> 1: DSL slower):", "",
-                  "| shape | tokens | C++ bf16 ms | DSL ms | time ratio | DSL TFLOP/s | rel diff vs C++ | DSL instances |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        lines += ["", "bf16-dsl (the CuTe DSL grouped GEMM for the tiles; the same weight-stream units where the heuristic "
+                  "takes them) against bf16 (CUTLASS C++ ptr-array grouped GEMM); time ratio = DSL ms / C++ ms (> 1: "
+                  "DSL slower); x vLLM = vLLM ms / DSL ms (> 1: bf16-dsl faster):", "",
+                  "| shape | tokens | C++ bf16 ms | DSL ms | time ratio | x vLLM | DSL TFLOP/s | rel diff vs C++ "
+                  "| DSL instances |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in d:
             tf = 6.0 * r["routed_rows"] * r["inter_dim"] * r["hidden"] / r["dsl_ms"] / 1e9
             inst = ", ".join(v.replace("moe2stage_", "") for v in r["dsl_instances"].values())
             lines.append(f"| {r['shape']} | {r['tokens']} | {r['jitkiln_ms']:.3f} | {r['dsl_ms']:.3f} | "
-                         f"{r['dsl_time_ratio']:.2f} | {tf:.1f} | {r['dsl_rel_diff_vs_bf16']:.1e} | {inst} |")
+                         f"{r['dsl_time_ratio']:.2f} | {r.get('dsl_vs_vllm', float('nan')):.2f} | {tf:.1f} | "
+                         f"{r['dsl_rel_diff_vs_bf16']:.1e} | {inst} |")
         ratios = sorted(r["dsl_time_ratio"] for r in d)
         lines += ["", f"time ratio over {len(d)} rows: min {ratios[0]:.2f}, median "
                   f"{statistics.median(ratios):.2f}, max {ratios[-1]:.2f}"]
+        dv = [r for r in d if "dsl_vs_vllm" in r]
+        if dv:
+            below = [r for r in dv if r["dsl_vs_vllm"] < 1.0]
+            lines += ["", f"bf16-dsl: {len(dv) - len(below)} of {len(dv)} rows at >= 1.0x vLLM" +
+                      (": below at " + ", ".join(f"{r['shape']} T={r['tokens']} ({r['dsl_vs_vllm']:.2f})"
+                                                 for r in below) if below else "")]
     return "\n".join(lines) + "\n"
 
 

@@ -2,11 +2,14 @@
 family's candidates, through bench/moe_perf.py's --sweep, in one process. The extra variants exist only in this
 process (the family's candidate list is extended here, not in the library).
 
-    python scripts/gemv_tune.py --s1 8x4,8x2,4x4 --s2 4x4,4x2,8x2 -- <bench/moe_perf.py arguments>
+    python scripts/gemv_tune.py --s1 8x4,8x2,4x4 --s2 4x4,4x2,8x2n1 -- <bench/moe_perf.py arguments>
+
+(WARPSxUNROLL, and nN for N x 8 routed rows a pass; stage 2 without nN is the per-token unit.)
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,11 +24,14 @@ from jitkiln.families.moe2stage.gemv import MoEGemv1, MoEGemv2  # noqa: E402
 def variants(text, cls):
     out = []
     for item in filter(None, text.split(",")):
+        m = re.fullmatch(r"(\d+)x(\d+)(?:n(\d+))?", item)
         try:
-            w, u = (int(v) for v in item.split("x"))
-            out.append(cls(dtype="bf16", warps=w, unroll=u))
+            if not m:
+                raise ValueError("not WARPSxUNROLL[nN]")
+            kw = {} if m.group(3) is None else {"n": int(m.group(3))}
+            out.append(cls(dtype="bf16", warps=int(m.group(1)), unroll=int(m.group(2)), **kw))
         except ValueError as e:
-            sys.exit(f"gemv_tune: bad variant {item!r} ({e}); write WARPSxUNROLL, e.g. 8x4,4x2")
+            sys.exit(f"gemv_tune: bad variant {item!r} ({e}); write WARPSxUNROLL[nN], e.g. 8x4,4x2,8x2n4")
     return out
 
 

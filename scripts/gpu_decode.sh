@@ -1,9 +1,11 @@
 #!/bin/bash
 # One device call for moe2stage at decode (bench/moe_perf.py against vLLM's Triton fused MoE): build every bf16
 # candidate (the weight-stream GEMV units included), check them, benchmark. Results under $OUT.
-#   run (carry .whl .gpu/vllm [.gpu/cache]): bash scripts/gpu_decode.sh [check] [bench] [sweep] [fp8]
+#   run (carry .whl .gpu/vllm [.gpu/cache]): bash scripts/gpu_decode.sh [check] [bench] [sweep] [fp8] [dsl]
 #   .gpu/vllm: scripts/vllm_fetch.sh; .gpu/cache: a jitkiln cache brought back by an earlier call (cache.tar.xz),
 #   so a later call on a fresh machine loads the CUTLASS units instead of compiling them again.
+#   dsl: also bf16-dsl (its units compiled here beforehand: python scripts/moe_dsl_build.py .gpu/cache), checked
+#   and timed beside bf16 (bench/moe_perf.py --dsl-cache .gpu/cache).
 #   BENCH_ARGS: more bench/moe_perf.py flags (e.g. --shapes / --tokens); DEADLINE: seconds for the whole call.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -18,6 +20,7 @@ mkdir -p $JITKILN_CACHE_DIR
 if [ -f .gpu/cache/cache.tar.xz ]; then tar -C $JITKILN_CACHE_DIR -xJf .gpu/cache/cache.tar.xz; fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 variants="bf16"; [[ " $* " == *" fp8 "* ]] && variants="bf16 fp8"
+DSL_ARGS=""; [[ " $* " == *" dsl "* ]] && DSL_ARGS="--dsl-cache .gpu/cache"
 for v in $variants; do
   python3 scripts/moe_build.py --jobs 16 --variant $v >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 done
@@ -34,11 +37,16 @@ for what in "$@"; do
         timeout $(left) python3 scripts/moe_check.py --variant $v --grid --grid-tokens 1,8,64,512 \
           > "$OUT/check-$v.log" 2>&1
         echo "check $v rc=$? at $(( $(date +%s) - t0 )) s"; grep -E "^BAD|SUMMARY" "$OUT/check-$v.log" | head -20
-      done ;;
+      done
+      if [ -n "$DSL_ARGS" ]; then
+        timeout $(left) python3 scripts/moe_check.py --variant bf16-dsl $DSL_ARGS --grid --grid-tokens 1,8,64,512 \
+          > "$OUT/check-bf16-dsl.log" 2>&1
+        echo "check bf16-dsl rc=$? at $(( $(date +%s) - t0 )) s"; grep -E "^BAD|SUMMARY" "$OUT/check-bf16-dsl.log" | head -20
+      fi ;;
     sweep)
       timeout $(left) python3 bench/moe_perf.py --vllm .gpu/vllm --no-loop --no-grouped-mm --reps 7 \
         --shapes "kimi-k2 tp8,kimi-k2 ep8,qwen3-moe,small-moe,qwen3-30b,mixtral tp8" --tokens ${SWEEP_TOKENS:-1,4,16,64,256} \
-        --sweep ${SWEEP_TOKENS:-1,4,16,64,256} ${BENCH_ARGS} --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
+        --sweep ${SWEEP_TOKENS:-1,4,16,64,256} $DSL_ARGS ${BENCH_ARGS} --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
       echo "sweep rc=$? at $(( $(date +%s) - t0 )) s"; grep -vE "^\|" "$OUT/sweep.log" | tail -80 ;;
     tune)
       timeout $(left) python3 scripts/gemv_tune.py --s1 "${TUNE_S1:-8x2,4x4,4x2,16x2}" --s2 "${TUNE_S2:-4x2,8x2,8x4,2x4}" -- \
@@ -48,7 +56,7 @@ for what in "$@"; do
       echo "tune rc=$? at $(( $(date +%s) - t0 )) s"; grep -E "kernels:|extra GEMV|Error|error" "$OUT/tune.log" | cut -c1-600 | tail -20 ;;
     bench)
       timeout $(left) python3 bench/moe_perf.py --vllm .gpu/vllm --no-loop --reps 9 --tokens all \
-        --shapes "kimi-k2 tp8,kimi-k2 ep8,qwen3-moe,small-moe,qwen3-30b,mixtral tp8" ${BENCH_ARGS} \
+        --shapes "kimi-k2 tp8,kimi-k2 ep8,qwen3-moe,small-moe,qwen3-30b,mixtral tp8" $DSL_ARGS ${BENCH_ARGS} \
         --json "$OUT/moe-perf.json" --md "$OUT/moe-perf.md" > "$OUT/bench.log" 2>&1
       echo "bench rc=$? at $(( $(date +%s) - t0 )) s"; grep -vE "^\|" "$OUT/bench.log" | tail -40 ;;
   esac

@@ -18,6 +18,7 @@ from jitkiln import families  # noqa: F401
 from jitkiln.compilers import cutedsl
 from jitkiln.errors import CompileError, ToolchainNotFound
 from jitkiln.family import get_family
+from jitkiln.families.moe2stage import heuristic
 from jitkiln.plan import make_plan
 
 SHAPE = dict(tokens=4096, hidden=7168, inter_dim=256, experts=384, topk=8)
@@ -43,9 +44,9 @@ def test_dsl_variant_plans_the_same_tiles_without_importing_the_dsl():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     names, imported = json.loads(out)
     assert not imported, "planning a DSL variant must not import the DSL"
-    fam = get_family("moe2stage")
-    cxx = make_plan(fam, "bf16", [SHAPE])
-    assert names == [u.instance.name + "_dsl" for u in cxx.units]
+    # the family's heuristic with the DSL tiles' thresholds (heuristic.DECODE_ROWS_OTHER), the bf16 tiles renamed
+    want = heuristic.select("bf16", SHAPE, dsl=True)
+    assert names == [want[s].name + "_dsl" for s in ("stage1", "stage2")]
 
 
 def test_dsl_instances_have_their_own_names_symbols_and_keys():
@@ -58,7 +59,11 @@ def test_dsl_instances_have_their_own_names_symbols_and_keys():
         assert a.instance.params()["backend"] == "dsl" and "backend" not in b.instance.params()
         assert type(a.instance).abi is type(b.instance).abi  # the same C ABI
     slots = fam.select("bf16-dsl", SHAPE)
-    assert {k: v.name for k, v in slots.items()} == {k: v.name + "_dsl" for k, v in fam.select("bf16", SHAPE).items()}
+    want = heuristic.select("bf16", SHAPE, dsl=True)
+    assert {k: v.name for k, v in slots.items()} == {k: v.name + "_dsl" for k, v in want.items()}
+    small = {**SHAPE, "tokens": 512}  # where both thresholds agree: the same tiles, the DSL's own names
+    assert [i.name for i in fam.select("bf16-dsl", small).values()] == [
+        i.name + "_dsl" for i in fam.select("bf16", small).values()]
 
 
 def test_dsl_unit_text_carries_the_kernel_digest_and_params():
@@ -152,3 +157,29 @@ def test_changed_kernel_module_is_refused(tmp_path, monkeypatch):
     spec, _ = cutedsl.parse_unit(text)
     with pytest.raises(CompileError, match="changed since"):
         _compile(tmp_path, text.replace(spec["kernel_sha256"], "0" * 64), "stale")
+
+
+@needs_dsl
+def test_plain_cuda_unit_of_the_dsl_variant_compiles_without_a_worker(tmp_path, monkeypatch):
+    """bf16-dsl's weight-stream units are cutedsl units without a DSL kernel: nvcc compiles and links them alone."""
+    monkeypatch.setenv("JITKILN_CACHE_DIR", str(tmp_path / "cache"))
+    fam = get_family("moe2stage")
+    inst = next(i for i in fam.candidates("bf16-dsl") if i.name == "moe2stage_s2_bf16_gemv_w8u2n2_dsl")
+    text = fam.render(inst)
+    spec, files = cutedsl.parse_unit(text)
+    assert spec["kernel"] is None and set(files) == {"unit.cu"}
+    cutedsl.POOL.shutdown()
+    r, so = _compile(tmp_path, text, "gemv")
+    assert r.mode == "nvcc-only" and "dsl_compile" not in r.phases
+    assert not cutedsl.POOL.idle.get("sm_90a")  # no worker was started
+    lib = ctypes.CDLL(str(so))
+    f = getattr(lib, f"jk_name_{inst.digest[:16]}")
+    f.restype = ctypes.c_char_p
+    assert f().decode() == inst.name and hasattr(lib, inst.symbol)
+    # the ABI's size query answers without a GPU: float32 rows for every (token, expert) pair
+    n = ctypes.c_size_t(0)
+    launch = getattr(lib, inst.symbol)
+    launch.argtypes = fam.abi_of(inst).argtypes
+    T, topk, E, H, I = 3, 2, 4, 64, 32
+    assert launch(None, None, None, None, None, T, topk, E, H, I, None, None, None, ctypes.byref(n), None) == 0
+    assert n.value == T * topk * H * 4

@@ -37,8 +37,9 @@ def test_registered_and_variants(fam):
 def test_candidates_unique_and_described(fam):
     for v in fam.variants():
         cands = fam.candidates(v)
-        # bf16 and fp8 also have the two weight-stream (GEMV) units; the DSL variant and fp8b128 keep the tiles only
-        assert len({c.digest for c in cands}) == len(cands) == {"fp8b128": 6, "bf16": 11, "fp8": 11}.get(v, 9)
+        # bf16, fp8 and bf16-dsl also have the three weight-stream (GEMV) units (stage 1, stage 2 per token, stage 2
+        # grouped by expert); fp8b128 keeps the tiles only; bf16 (CUTLASS) never selects the 128x128 cooperative tile
+        assert len({c.digest for c in cands}) == len(cands) == {"fp8b128": 6, "bf16": 10}.get(v, 12)
         assert len({c.symbol for c in cands}) == len(cands)
         for c in cands:
             assert fam.rule(v, c)
@@ -132,11 +133,32 @@ def test_select_regimes(fam):
     assert all(i.dtype == "fp8" for i in fam.select("fp8", {**base, "tokens": 1}).values())
     b = lambda t: {s: heuristic.role_of(i) for s, i in fam.select("fp8b128", {**base, "tokens": t}).items()}  # noqa
     assert b(1)["stage1"].startswith("DECODE")  # fp8b128 keeps the tiles at decode
-    assert fam.select("bf16-dsl", {**base, "tokens": 1})["stage1"].tile_m == 64  # so does the DSL variant
-    assert r(1024) == {"stage1": "MEDIUM", "stage2": "MEDIUM"}
+    dsl = fam.select("bf16-dsl", {**base, "tokens": 1})  # the DSL variant takes the same weight-stream units ...
+    assert all(is_gemv(i) and i.name.endswith("_dsl") for i in dsl.values())
+    assert fam.select("bf16-dsl", {**base, "tokens": 512})["stage1"].name.endswith("64x128x128_pingpong_c1x1_dsl")
+    assert r(1024) == {"stage1": "DECODE_N128", "stage2": "DECODE_N128"}  # 64 rows per expert
+    assert r(2048) == {"stage1": "DECODE_N128", "stage2": "DECODE_N128"}  # bf16 (CUTLASS): up to 128 rows
+    assert r(4096) == {"stage1": "LARGE", "stage2": "LARGE"}
+    ds = lambda t: {k: heuristic.role_of(i) for k, i in fam.select("bf16-dsl", {**base, "tokens": t}).items()}  # noqa
+    assert ds(512) == {"stage1": "DECODE_N128", "stage2": "DECODE_N128"}  # the DSL tiles: 32 rows, then MEDIUM
+    assert ds(1024) == {"stage1": "MEDIUM", "stage2": "MEDIUM"}
+    assert "rows per expert <= 32" in fam.rule("bf16-dsl", fam.select("bf16-dsl", {**base, "tokens": 512})["stage1"])
+    assert "rows per expert <= 128" in fam.rule("bf16", fam.select("bf16", {**base, "tokens": 512})["stage1"])
     assert r(16384) == {"stage1": "LARGE", "stage2": "LARGE"}
     assert r(16384, inter_dim=256)["stage2"] == "SMALL_K"
     assert r(1, inter_dim=256)["stage2"] == "GEMV"  # decode stays a weight stream
+    # small stage-2 weights at a few rows per expert: stage 2 grouped by expert (small-moe, Mixtral-style)
+    small = dict(hidden=2048, inter_dim=192, experts=128, topk=8)
+    s = lambda t, **kw: {k: heuristic.role_of(i) for k, i in fam.select("bf16", {**small, "tokens": t, **kw}).items()}  # noqa
+    assert s(64)["stage2"] == "GEMV_GROUPED" and s(128)["stage2"] == "GEMV_GROUPED"
+    assert s(16)["stage2"] == "GEMV" and s(1024)["stage2"] != "GEMV_GROUPED"  # per token below; tiles above
+    assert r(64)["stage2"] != "GEMV_GROUPED"  # Qwen3-235B's W2 (1.6 GB) streams faster through the tiles
+    assert s(16, hidden=4096, inter_dim=1792, experts=8, topk=2)["stage2"] == "GEMV_GROUPED"  # Mixtral tp8
+    g = fam.select("fp8", {**small, "tokens": 64})["stage2"]
+    assert is_gemv(g) and g.dtype == "fp8" and g.n == 2
+    # 64x64 only where 128-wide tiles would not fill half the SMs
+    assert heuristic.role(1, {**base, "tokens": 1}, gemv=False) == "DECODE_N128"  # 8 experts x 24 tiles
+    assert heuristic.role(1, {**small, "tokens": 1}, gemv=False) == "DECODE_N64"  # 8 experts x 3 tiles
 
 
 def test_problem_validation(fam):
@@ -167,7 +189,9 @@ def test_render_c_abi_no_torch(fam):
             assert "-DNDEBUG" in src  # the guard that refuses a build without it
             if is_gemv(inst):  # the weight-stream unit: plain CUDA, no CUTLASS
                 assert "nc.L1::no_allocate" in src and '#include "cutlass' not in src
-                assert ("mma.sync.aligned.m16n8k16" in src) == (inst.stage == 1)
+                assert "mma.sync.aligned.m16n8k16" in src  # the shared K stream (stage 1, stage 2 grouped)
+                assert ("gemv_stage2g<<<" in src and "combine_y<<<" in src) == (inst.stage == 2 and inst.n > 0)
+                assert src.startswith('// jitkiln-cutedsl {"kernel": null') == is_dsl(inst)  # bf16-dsl: plain CUDA
             elif is_dsl(inst):  # the GEMM is the CuTe DSL kernel module at this tile (the unit's JSON header)
                 assert f'"tile_m": {inst.tile_m}' in src and f'"tile_n": {inst.tile_n}' in src
             else:
@@ -260,18 +284,22 @@ def test_real_nvcc_compile_gemv_units(fam, cache_dir, engine):
     without spills, load, and export the ABI under their names; a launch with bad scales is refused on the host."""
     Builder, make_plan, Module, Store = engine
     decode = {"tokens": 1, "hidden": 7168, "inter_dim": 256, "experts": 384, "topk": 8}
+    small = {"tokens": 64, "hidden": 2048, "inter_dim": 192, "experts": 128, "topk": 8}  # stage 2 grouped by expert
     store = Store()
     for variant in ("bf16", "fp8"):
         sel = fam.select(variant, decode)
         assert all(is_gemv(i) and i.dtype == variant for i in sel.values())
-        plan = make_plan(fam, variant, [decode], require_compiler=True)
+        grouped = fam.select(variant, small)["stage2"]
+        assert is_gemv(grouped) and grouped.n == 2
+        plan = make_plan(fam, variant, [decode, small], require_compiler=True)
+        assert grouped.digest in {u.instance.digest for u in plan.units}
         rec = Builder(store, jobs=1, progress=False).build(plan)
-        assert {u.status for u in rec.units} <= {"compiled", "hit"} and len(rec.units) == 2
+        assert {u.status for u in rec.units} <= {"compiled", "hit"} and len(rec.units) == 3
         for u in plan.units:  # the family builds with -Xptxas=-warn-spills
             log = store.log_path(u.ukey).read_text() if store.log_path(u.ukey).exists() else ""
             assert not re.search(r"warning.*spill", log, re.I), log[-2000:]
         mod = Module(plan, store)
-        assert mod.load_available() == 2 and all(mod.is_loaded(i) for i in sel.values())
+        assert mod.load_available() == 3 and all(mod.is_loaded(i) for i in sel.values())
         import ctypes
         n = ctypes.c_size_t(0)
         s1 = mod.launcher(sel["stage1"])

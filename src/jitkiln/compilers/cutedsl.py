@@ -9,6 +9,9 @@ A DSL unit's text (what the family renders; the whole text is the cache key) is:
     //@@file bridge.c      C calling the exported kernel through the header the DSL writes (<prefix>.h)
     ...
 
+A unit whose ``kernel`` is null holds CUDA files only (a variant's plain CUDA units, e.g. moe2stage's weight-stream
+units in ``bf16-dsl``): nvcc compiles and links them; no worker is asked.
+
 :meth:`CuteDsl.compile` sends ``(kernel file, digest, params, arch)`` to a resident worker
 (:mod:`.cutedsl_worker`: the DSL imported once per worker, not per unit), which runs ``entry(params)``
 (``cute.compile`` on fake tensors: no GPU) and ``export_to_c`` (a header and an ELF object holding the host
@@ -268,18 +271,19 @@ class CuteDsl(Compiler):
         text = Path(job.source_path).read_text()
         spec, files = parse_unit(text)
         unit = os.path.basename(job.source_path)
-        kpath = kernel_file(spec["kernel"])
-        if file_sha256(kpath) != spec["kernel_sha256"]:
+        kpath = kernel_file(spec["kernel"]) if spec.get("kernel") else None  # None: CUDA files only
+        if kpath and file_sha256(kpath) != spec["kernel_sha256"]:
             raise CompileError(f"CuTe DSL kernel module {kpath} changed since {unit} was planned",
                                hint="plan again (the unit's key names the module's content)", unit=unit)
         work = job.workdir
         for name, body in files.items():
             Path(work, name).write_text(body)
-        log: list[str] = [f"cutedsl {self.version}: {spec['kernel']} {json.dumps(spec['params'], sort_keys=True)}"]
+        log: list[str] = [f"cutedsl {self.version}: {spec.get('kernel') or 'no DSL kernel (CUDA files only)'} "
+                          f"{json.dumps(spec.get('params', {}), sort_keys=True)}"]
         phases: dict[str, float] = {}
         cpu = 0.0
         peak = 0
-        deps: list[str] = [job.source_path, kpath]
+        deps: list[str] = [job.source_path] + ([kpath] if kpath else [])
         cu = [n for n in files if n.endswith(".cu")]
         cfiles = [n for n in files if n.endswith((".c", ".cpp"))]
 
@@ -298,9 +302,10 @@ class CuteDsl(Compiler):
         with ThreadPoolExecutor(max(1, len(cu))) as ex:
             t_glue = time.monotonic()
             futs = [ex.submit(nvcc_obj, n) for n in cu]
-            dsl = self._dsl(job, spec, kpath, log)
-            phases["dsl_compile"] = dsl.get("compile_s", 0.0)
-            phases["dsl_export"] = dsl.get("export_s", 0.0)
+            dsl = self._dsl(job, spec, kpath, log) if kpath else {}
+            if kpath:
+                phases["dsl_compile"] = dsl.get("compile_s", 0.0)
+                phases["dsl_export"] = dsl.get("export_s", 0.0)
             if dsl.get("worker_start_s"):
                 phases["dsl_worker_start"] = dsl["worker_start_s"]
             cpu += dsl.get("cpu_s", 0.0)
@@ -331,8 +336,8 @@ class CuteDsl(Compiler):
             raise_for_exit(rc, unit, out, job.log_path, compiler="cc (cutedsl bridge)")
             cpu += c
             objs.append(o)
-        dsl_obj = os.path.join(work, "dsl", spec["prefix"] + ".o")
-        cmd = [self.nvcc.path, "-shared", "-o", job.out_path, *objs, dsl_obj, self.runtime_lib()]
+        dsl_objs = [os.path.join(work, "dsl", spec["prefix"] + ".o"), self.runtime_lib()] if kpath else []
+        cmd = [self.nvcc.path, "-shared", "-o", job.out_path, *objs, *dsl_objs]
         rc, out, wall, pk, c = run_measured(cmd, cwd=work, timeout=job.timeout, hold_fd=job.hold_fd)
         log.append(f"$ {shlex.join(cmd)}\n{out}")
         self._write_log(job, log)
@@ -343,7 +348,8 @@ class CuteDsl(Compiler):
         deps = [p for p in deps if not (p in seen or seen.add(p))]
         return CompileResult(seconds=time.monotonic() - t0, peak_rss=peak, deps=deps, phases=phases,
                              log="\n".join(log), command=[sys.executable, "-m", "jitkiln.compilers.cutedsl_worker"],
-                             cpu_s=cpu, mode="worker-warm" if not dsl.get("worker_start_s") else "worker-fresh")
+                             cpu_s=cpu, mode=("nvcc-only" if not kpath else
+                                                 "worker-warm" if not dsl.get("worker_start_s") else "worker-fresh"))
 
     def _write_log(self, job: CompileJob, log: list[str]) -> None:
         if job.log_path:

@@ -39,19 +39,24 @@ import cutlass.utils as utils
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass.pipeline import pipeline_init_arrive, pipeline_init_wait
 
-MAX_EXPERTS_LOG2 = 12  # binary search depth: up to 4096 local experts
+MAX_EXPERTS_LOG2 = 17  # binary search depth: up to 2^17 - 1 local experts (the units refuse more)
 NUM_SMS = 132  # H100 SXM / H200: persistent grid size (fewer SMs: still correct, one more partial wave)
 
 
 class MoEGroupedGemm:
     def __init__(self, tile_m: int, tile_n: int, tile_k: int, cluster_m: int, cluster_n: int,
-                 schedule: str = "cooperative"):
+                 schedule: str = "cooperative", occupancy: int = 1):
         if tile_m not in (64, 128):
             raise ValueError(f"tile_m must be 64 or 128, got {tile_m}")
         if tile_n not in (64, 128, 256):
             raise ValueError(f"tile_n must be 64, 128 or 256, got {tile_n}")
         if cluster_n != 1:
             raise ValueError("the DSL grouped GEMM multicasts B across the cluster's M only: cluster_n must be 1")
+        if occupancy not in (1, 2):
+            raise ValueError(f"occupancy (CTAs per SM) must be 1 or 2, got {occupancy}")
+        # CTAs resident per SM: 2 splits shared memory (fewer stages each) so that one CTA's tile switch and
+        # epilogue overlap the other's loads; the persistent grid then holds 2 CTAs per SM
+        self.occupancy = occupancy
         self.acc_dtype = cutlass.Float32
         self.tile_k_req = tile_k
         self.cluster_shape_mn = (cluster_m, cluster_n)
@@ -87,7 +92,10 @@ class MoEGroupedGemm:
             + self.tile_shape_mnk[1]
         d_bytes = self.d_cosize * self.a_dtype.width // 8
         ab_bytes = (self.tile_shape_mnk[0] + self.tile_shape_mnk[1]) * tk * self.a_dtype.width // 8
-        self.ab_stage = min(8, (self.smem_capacity - d_bytes - 1024) // ab_bytes)
+        budget = self.smem_capacity // self.occupancy - 1024 * self.occupancy  # per CTA (and its reserved 1 KB)
+        self.ab_stage = min(8, (budget - d_bytes - 1024) // ab_bytes)
+        if self.ab_stage < 2:
+            raise ValueError(f"tile {self.tile_shape_mnk} at occupancy {self.occupancy}: fewer than 2 stages fit")
         self.a_smem_staged = sm90_utils.make_smem_layout_a(self.a_layout, self.tile_shape_mnk, self.a_dtype,
                                                            self.ab_stage)
         self.b_smem_staged = sm90_utils.make_smem_layout_b(self.b_layout, self.tile_shape_mnk, self.b_dtype,
@@ -120,7 +128,7 @@ class MoEGroupedGemm:
         slots = (slots + cm - 1) // cm * cm
         n_tiles = (n + tn - 1) // tn
         # persistent: at most one cluster per SM group, each walking work units (cluster M group, N tile)
-        clusters = cutlass.min(slots // cm * n_tiles, NUM_SMS // cm)
+        clusters = cutlass.min(slots // cm * n_tiles, NUM_SMS * self.occupancy // cm)
 
         @cute.struct
         class SharedStorage:
@@ -326,5 +334,5 @@ def compile_for(params: dict):
     off = make_fake_compact_tensor(cutlass.Int32, (cute.sym_int32(),), assumed_align=4)
     toff = make_fake_compact_tensor(cutlass.Int32, (cute.sym_int32(),), assumed_align=4)
     g = MoEGroupedGemm(params["tile_m"], params["tile_n"], params["tile_k"], params["cluster_m"],
-                       params["cluster_n"], params.get("schedule", "cooperative"))
+                       params["cluster_n"], params.get("schedule", "cooperative"), params.get("occupancy", 1))
     return cute.compile(g, a, b, d, off, toff, cuda.CUstream(0))

@@ -1,12 +1,15 @@
-"""moe2stage instances whose grouped GEMM is the CuTe DSL kernel (variant ``bf16-dsl``): the same tiles, slots,
-heuristic and C ABI as the CUTLASS instances; the name ends in ``_dsl`` and the parameters carry
-``backend: "dsl"``, so names, digests, symbols and cache keys never collide with the CUTLASS units."""
+"""moe2stage instances of the variant ``bf16-dsl``: the grouped GEMM is the CuTe DSL kernel, with the same tiles,
+slots, heuristic and C ABI as the CUTLASS instances; the name ends in ``_dsl`` and the parameters carry
+``backend: "dsl"``, so names, digests, symbols and cache keys never collide with the CUTLASS units. The variant's
+weight-stream (GEMV) units are the bf16 ones, marked the same way: the variant's compiler (``cutedsl``) builds
+them as plain CUDA (a unit without a DSL kernel)."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
+from .gemv import MoEGemv1, MoEGemv2
 from .instances import MoEGemm, MoEStage1, MoEStage2
 
 
@@ -23,20 +26,51 @@ class _Dsl:
         return d
 
 
+class _DslTile(_Dsl):
+    occupancy: int  # CTAs per SM of the persistent grid (2: half the pipeline stages each); a dataclass field
+
+    @property
+    def name(self) -> str:
+        return super().name + ("" if self.occupancy == 1 else f"_o{self.occupancy}")  # type: ignore[misc]
+
+    def params(self):
+        d = super().params()
+        if d.get("occupancy") == 1:
+            del d["occupancy"]  # the default: keys and names of the 1-CTA units unchanged
+        return d
+
+
 @dataclass(frozen=True)
-class MoEStage1Dsl(_Dsl, MoEStage1):
+class MoEStage1Dsl(_DslTile, MoEStage1):
     """Stage 1 with the CuTe DSL grouped GEMM."""
 
+    occupancy: int = 1
+
 
 @dataclass(frozen=True)
-class MoEStage2Dsl(_Dsl, MoEStage2):
+class MoEStage2Dsl(_DslTile, MoEStage2):
     """Stage 2 with the CuTe DSL grouped GEMM."""
 
+    occupancy: int = 1
 
-def to_dsl(inst: MoEGemm) -> MoEGemm:
-    """The DSL instance of a CUTLASS instance's tile (same fields)."""
-    cls = MoEStage1Dsl if inst.stage == 1 else MoEStage2Dsl
-    return cls(**{f.name: getattr(inst, f.name) for f in dataclasses.fields(inst)})
+
+@dataclass(frozen=True)
+class MoEGemv1Dsl(_Dsl, MoEGemv1):
+    """Stage 1's weight-stream unit in the DSL variant (plain CUDA)."""
+
+
+@dataclass(frozen=True)
+class MoEGemv2Dsl(_Dsl, MoEGemv2):
+    """Stage 2's weight-stream units in the DSL variant (plain CUDA)."""
+
+
+_TO_DSL = {MoEStage1: MoEStage1Dsl, MoEStage2: MoEStage2Dsl, MoEGemv1: MoEGemv1Dsl, MoEGemv2: MoEGemv2Dsl}
+
+
+def to_dsl(inst: MoEGemm, **extra) -> MoEGemm:
+    """The DSL variant's instance of a bf16 instance (same fields; ``extra``: the DSL tile's own, occupancy)."""
+    cls = _TO_DSL[type(inst)]
+    return cls(**{f.name: getattr(inst, f.name) for f in dataclasses.fields(inst)}, **extra)
 
 
 def is_dsl(inst) -> bool:

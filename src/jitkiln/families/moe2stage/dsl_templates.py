@@ -120,6 +120,7 @@ __global__ void activate_rows(const __nv_bfloat16* __restrict__ h, const int32_t
 }  // namespace
 """ + STAGE1_SIGNATURE + r"""  cudaStream_t stream = static_cast<cudaStream_t>(stream_);
   if (T < 0 || topk <= 0 || E <= 0 || H <= 0 || I <= 0 || (H % 16) || (I % 16)) return int(cudaErrorInvalidValue);
+  if (E >= (1 << 17)) return int(cudaErrorInvalidValue);  // the GEMM's expert search covers 2^17 - 1 experts
   const int64_t rows = int64_t(T) * topk;
   Bump b{static_cast<char*>(workspace), 0};
   int32_t* counts = b.take<int32_t>(E);
@@ -176,6 +177,7 @@ __global__ void combine_rows(const __nv_bfloat16* __restrict__ y, const int32_t*
 }  // namespace
 """ + STAGE2_SIGNATURE + r"""  cudaStream_t stream = static_cast<cudaStream_t>(stream_);
   if (T < 0 || topk <= 0 || E <= 0 || H <= 0 || I <= 0 || (H % 16) || (I % 16)) return int(cudaErrorInvalidValue);
+  if (E >= (1 << 17)) return int(cudaErrorInvalidValue);  // the GEMM's expert search covers 2^17 - 1 experts
   const int64_t rows = int64_t(T) * topk;
   Bump b{static_cast<char*>(workspace), 0};
   __nv_bfloat16* y = b.take<__nv_bfloat16>(rows * H);
@@ -218,6 +220,12 @@ int @@prefix@@_gemm(const void* A, const void* B, void* D, const int* offsets, c
 """
 
 
+def render_cuda_unit(name: str, cuda: str) -> str:
+    """A cutedsl unit without a DSL kernel: one CUDA file (the variant's plain CUDA units)."""
+    spec = {"kernel": None, "params": {"unit": name}}
+    return "// jitkiln-cutedsl " + json.dumps(spec, sort_keys=True) + "\n//@@file unit.cu\n" + cuda
+
+
 def render_dsl_unit(inst) -> str:
     """The cutedsl unit text of ``inst`` (a bf16 :class:`~.instances.MoEGemm` with ``backend == "dsl"``)."""
     if inst.dtype != "bf16":
@@ -226,6 +234,8 @@ def render_dsl_unit(inst) -> str:
     spec = {"kernel": KERNEL_MODULE, "kernel_sha256": kernel_sha256(), "entry": "compile_for", "prefix": prefix,
             "params": {"dtype": inst.dtype, "tile_m": inst.tile_m, "tile_n": inst.tile_n, "tile_k": inst.tile_k,
                        "cluster_m": inst.cluster_m, "cluster_n": inst.cluster_n, "schedule": inst.schedule}}
+    if getattr(inst, "occupancy", 1) != 1:  # absent at 1: the 1-CTA units' text (and keys) unchanged
+        spec["params"]["occupancy"] = inst.occupancy
     fields = dict(name=inst.name, symbol=inst.symbol, digest16=inst.digest[:16], prefix=prefix,
                   tile_m=inst.tile_m, cluster_m=inst.cluster_m)
     glue = (f"// jitkiln moe2stage instance (CuTe DSL GEMM): {inst.name}\n" + _COMMON

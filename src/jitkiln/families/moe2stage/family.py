@@ -10,7 +10,7 @@ from ...errors import ToolchainNotFound, UsageError
 from ...family import CompileSpec, Family, Instance, Packer, Problem, ShapeKey, register
 from . import heuristic
 from .dsl_instances import is_dsl, to_dsl
-from .dsl_templates import render_dsl_unit
+from .dsl_templates import render_cuda_unit, render_dsl_unit
 from .gemv import MoEGemv, is_gemv, render_gemv
 from .instances import BLOCK, MoEGemm
 from .shapes import MoEShape
@@ -71,7 +71,7 @@ class MoE2Stage(Family):
 
     def candidates(self, variant: str) -> Sequence[Instance]:
         dsl = self.check_variant(variant) in DSL_VARIANTS
-        out = heuristic.candidates(VARIANTS[variant], gemv=not dsl)
+        out = heuristic.candidates(VARIANTS[variant], dsl=dsl)
         return [to_dsl(i) for i in out] if dsl else out
 
     def select(self, variant: str, problem: Problem) -> Mapping[str, Instance]:
@@ -80,7 +80,7 @@ class MoE2Stage(Family):
         if dtype == "fp8b128" and (p["hidden"] % BLOCK or p["inter_dim"] % BLOCK):
             raise UsageError(f"variant fp8b128 needs hidden={p['hidden']} and inter_dim={p['inter_dim']} to be "
                              f"multiples of {BLOCK} (the scale block)")
-        chosen = heuristic.select(dtype, p, gemv=variant not in DSL_VARIANTS)
+        chosen = heuristic.select(dtype, p, dsl=variant in DSL_VARIANTS)
         if variant in DSL_VARIANTS:
             return {slot: to_dsl(i) for slot, i in chosen.items()}
         return chosen
@@ -91,7 +91,7 @@ class MoE2Stage(Family):
 
     def render(self, instance: Instance) -> str:
         if is_gemv(instance):
-            return render_gemv(instance)
+            return render_cuda_unit(instance.name, render_gemv(instance)) if is_dsl(instance) else render_gemv(instance)
         assert isinstance(instance, MoEGemm)
         if is_dsl(instance):
             return render_dsl_unit(instance)

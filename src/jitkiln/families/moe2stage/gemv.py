@@ -50,18 +50,25 @@ class MoEGemv(Instance):
     kind: ClassVar[str] = "gemv"
 
     dtype: str  # bf16 | fp8 (e4m3 weights, per-expert scales; per-tensor activation scales)
-    warps: int  # warps per CTA (stage 1: the K split; stage 2: 4 x rows output rows per CTA)
-    unroll: int  # stage 1: 32-element K chunks in flight per warp; stage 2: output rows per warp
+    warps: int  # warps per CTA (the K split and the row blocks of a CTA; per-token stage 2: row groups)
+    unroll: int  # K chunks in flight per warp (per-token stage 2: output rows per warp)
+    n: int = 1  # routed rows per pass, in MMA columns of 8 (1, 2, 4); 0: stage 2's per-token unit
+
+    N_CHOICES: ClassVar[tuple] = (1, 2, 4)
+    N_DEFAULT: ClassVar[int] = 1
 
     def __post_init__(self):
         if self.dtype not in ("bf16", "fp8"):
             raise ValueError(f"the weight-stream units are bf16 or fp8 (per-tensor), not {self.dtype!r}")
         if not 1 <= self.warps <= 16 or not 1 <= self.unroll <= 8:
             raise ValueError(f"warps {self.warps} (1..16) / unroll {self.unroll} (1..8) out of range")
+        if self.n not in self.N_CHOICES:
+            raise ValueError(f"n {self.n}: stage {self.stage} takes {', '.join(map(str, self.N_CHOICES))}")
 
     @property
     def name(self) -> str:
-        return f"moe2stage_s{self.stage}_{self.dtype}_gemv_w{self.warps}u{self.unroll}"
+        tail = "" if self.n == self.N_DEFAULT else f"n{self.n}"
+        return f"moe2stage_s{self.stage}_{self.dtype}_gemv_w{self.warps}u{self.unroll}{tail}"
 
     def params(self):
         d = super().params()
@@ -71,7 +78,8 @@ class MoEGemv(Instance):
 
     @property
     def tile(self) -> str:
-        return f"weight stream, {self.warps} warps, unroll {self.unroll}"
+        rows = "per token" if self.n == 0 else f"{8 * self.n} rows a pass"
+        return f"weight stream, {self.warps} warps, unroll {self.unroll}, {rows}"
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,7 @@ class MoEGemv1(MoEGemv):
 
     stage: ClassVar[int] = 1
     abi: ClassVar[CAbi] = STAGE1_ABI
+    N_CHOICES: ClassVar[tuple] = (1,)  # 16- and 32-row passes measured slower than the 64x128 tiles (see heuristic)
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,9 @@ class MoEGemv2(MoEGemv):
 
     stage: ClassVar[int] = 2
     abi: ClassVar[CAbi] = STAGE2_ABI
+    n: int = 0  # 0: per token (weights re-read per token, combine in registers); 1/2/4: grouped by expert
+    N_CHOICES: ClassVar[tuple] = (0, 1, 2, 4)
+    N_DEFAULT: ClassVar[int] = 0
 
 
 def is_gemv(inst) -> bool:
@@ -114,6 +126,7 @@ namespace jk {
 
 constexpr int kWarps = @@warps@@;
 constexpr int kUnroll = @@unroll@@;
+constexpr int kN = @@n@@ > 0 ? @@n@@ : 1;  // MMA column blocks (8 routed rows each) per pass
 constexpr bool kFp8 = @@fp8@@;  // e4m3 weights (per-expert scales), e4m3 activations (per-tensor static scales)
 using WT = std::conditional_t<kFp8, uint8_t, __nv_bfloat16>;  // weight (and stage 2 activation) element
 constexpr int kLaneK = 16 / int(sizeof(WT));  // elements of one 16-byte load
@@ -131,6 +144,91 @@ constexpr int kLaneK = 16 / int(sizeof(WT));  // elements of one 16-byte load
   }
 JK_LOAD16(ld_stream, "nc.L1::no_allocate")
 JK_LOAD16(ld_act, "nc")
+
+// four floats -> four e4m3 (saturating, round to nearest even), low byte first
+__device__ __forceinline__ uint32_t e4m3x4(float a, float b, float c, float d) {
+  const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
+  const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(c, d), __NV_SATFINITE, __NV_E4M3);
+  return lo | (hi << 16);
+}
+// D[16x8] += A[16xK] B[Kx8], float32 accumulate: K = 16 bf16 (m16n8k16) or 32 e4m3 (m16n8k32). Both keep
+// the same register roles: a0/a2 row g, a1/a3 row g+8, b0/b1 column g, each register 4 bytes of K.
+__device__ __forceinline__ void mma_step(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  if constexpr (kFp8)
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+
+// One K chunk of one warp (32 bf16 or 64 e4m3 elements: 16 bytes per lane and row): 16 weight rows (rows "lo" 0-7,
+// rows "hi" 8-15 of the MMA's M) and kN x 8 routed rows (the MMA's N columns, B). B is read as WT, except in
+// stage 1's fp8 unit, where it is bf16 x (32 bytes per lane) rounded to e4m3 with 1/a_scale when used.
+constexpr int kChunkK = 4 * kLaneK;
+template <bool Q> struct BReg { uint4 b[kN], b2[Q ? kN : 1]; };  // b2: the second 16 bytes of bf16 x (Q only)
+template <bool Q> struct Chunk { uint4 a, u; BReg<Q> x; };
+
+template <bool Q>
+__device__ __forceinline__ uint4 b_operand(const BReg<Q>& r, int j, float inv_a) {
+  if constexpr (Q) {
+    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&r.b[j]);
+    const __nv_bfloat16* h2 = reinterpret_cast<const __nv_bfloat16*>(&r.b2[j]);
+    auto f = [&](int i) { return __bfloat162float(i < 8 ? h[i] : h2[i - 8]) * inv_a; };
+    return make_uint4(e4m3x4(f(0), f(1), f(2), f(3)), e4m3x4(f(4), f(5), f(6), f(7)),
+                      e4m3x4(f(8), f(9), f(10), f(11)), e4m3x4(f(12), f(13), f(14), f(15)));
+  } else {
+    return r.b[j];
+  }
+}
+
+// d[j] += W[lo rows; hi rows] . B_j over K chunks [ch0, ch1) of a K-long dot product (K % kLaneK == 0: a lane's
+// 16 bytes are whole or absent). brow[j]: the B row of MMA column g of block j, or NULL (a zero column).
+// Register double buffering: the next kUnroll chunks are in flight while this batch feeds the MMAs.
+// K permutation shared by both operands: lane (g, c) owns 4 bytes of K at a0/b0 and 4 at a2/b1 of each MMA step
+// and loads 16 contiguous bytes of the chunk (elements c * kLaneK ..): the first 8 bytes feed step 0, the rest
+// step 1.
+template <typename BT>
+__device__ __forceinline__ void mma_stream(float (&d)[kN][4], const WT* lo, const WT* hi, const BT* const (&brow)[kN],
+                                           int K, int ch0, int ch1, float inv_a) {
+  constexpr bool Q = kFp8 && std::is_same_v<BT, __nv_bfloat16>;
+  const int c = threadIdx.x & 3;
+  auto load = [&](Chunk<Q>& t, int ch) {
+    const int k = ch * kChunkK + c * kLaneK;
+    const bool ok = ch < ch1 && k < K;
+    t.a = ld_stream(lo + k, ok);
+    t.u = ld_stream(hi + k, ok);
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      t.x.b[j] = ld_act(brow[j] + k, ok && brow[j] != nullptr);
+      if constexpr (Q) t.x.b2[j] = ld_act(brow[j] + k + 8, ok && brow[j] != nullptr);
+    }
+  };
+  Chunk<Q> cur[kUnroll], nxt[kUnroll];
+#pragma unroll
+  for (int r = 0; r < kUnroll; ++r) load(cur[r], ch0 + r);
+  for (int ch = ch0; ch < ch1; ch += kUnroll) {
+#pragma unroll
+    for (int r = 0; r < kUnroll; ++r) load(nxt[r], ch + kUnroll + r);
+#pragma unroll
+    for (int r = 0; r < kUnroll; ++r) {
+#pragma unroll
+      for (int j = 0; j < kN; ++j) {
+        const uint4 b = b_operand<Q>(cur[r].x, j, inv_a);
+        mma_step(d[j], cur[r].a.x, cur[r].u.x, cur[r].a.y, cur[r].u.y, b.x, b.y);
+        mma_step(d[j], cur[r].a.z, cur[r].u.z, cur[r].a.w, cur[r].u.w, b.z, b.w);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kUnroll; ++r) cur[r] = nxt[r];
+  }
+}
 
 static int sm_count() {
   static int cached[64] = {0};
@@ -151,31 +249,9 @@ _STAGE1 = r"""
 namespace {
 namespace jk {
 
-// four floats -> four e4m3 (saturating, round to nearest even), low byte first
-__device__ __forceinline__ uint32_t e4m3x4(float a, float b, float c, float d) {
-  const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
-  const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(c, d), __NV_SATFINITE, __NV_E4M3);
-  return lo | (hi << 16);
-}
 __device__ __forceinline__ float act_fn(float g, int activation) {
   if (activation == 1) return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
   return g / (1.0f + __expf(-g));
-}
-
-// D[16x8] += A[16xK] B[Kx8], float32 accumulate: K = 16 bf16 (m16n8k16) or 32 e4m3 (m16n8k32). Both keep
-// the same register roles: a0/a2 row g, a1/a3 row g+8, b0/b1 column g, each register 4 bytes of K.
-__device__ __forceinline__ void mma_step(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-  if constexpr (kFp8)
-    asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ bool is_local(int id, int E) { return id >= 0 && id < E; }
@@ -220,32 +296,6 @@ __device__ void write_offsets(const int32_t* __restrict__ ids, int P, int E, int
 }
 
 constexpr int kIdsCap = 4096;  // pairs whose expert ids are staged in shared memory (the rest are read from global)
-
-// One K chunk of one warp (32 bf16 or 64 e4m3 elements: 16 bytes per lane and row): 16 weight rows (8 gate,
-// 8 up) and up to 8 activation rows (members), x as bf16 (fp8: quantized when the chunk is used).
-constexpr int kChunkK = 4 * kLaneK;
-struct Chunk { uint4 a, u, b, b2; };
-
-__device__ __forceinline__ void load_chunk(Chunk& c, const WT* gate, const WT* up, const __nv_bfloat16* xr, int k,
-                                           bool ok) {
-  c.a = ld_stream(gate + k, ok);
-  c.u = ld_stream(up + k, ok);
-  c.b = ld_act(xr + k, ok && xr != nullptr);
-  if constexpr (kFp8) c.b2 = ld_act(xr + k + 8, ok && xr != nullptr);
-}
-
-// the B operand of a chunk: bf16 as loaded; fp8: 16 values of x times 1/a_scale, rounded to e4m3
-__device__ __forceinline__ uint4 b_operand(const Chunk& c, float inv_a) {
-  if constexpr (kFp8) {
-    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&c.b);
-    const __nv_bfloat16* h2 = reinterpret_cast<const __nv_bfloat16*>(&c.b2);
-    auto f = [&](int i) { return __bfloat162float(i < 8 ? h[i] : h2[i - 8]) * inv_a; };
-    return make_uint4(e4m3x4(f(0), f(1), f(2), f(3)), e4m3x4(f(4), f(5), f(6), f(7)),
-                      e4m3x4(f(8), f(9), f(10), f(11)), e4m3x4(f(12), f(13), f(14), f(15)));
-  } else {
-    return c.b;
-  }
-}
 
 // grid (P = T * topk pairs, ceil(I / 8 / (kWarps / split))); block kWarps * 32. Warp w serves rows
 // i0 .. i0 + 7 (i-block w / split of this CTA) over K slice w % split; the split warps of an i-block reduce through
@@ -296,11 +346,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_stage1(
   const bool rows_ok = i0 < I;  // I % 8 == 0: an i-block is whole or absent
   const WT* gate = w13 + (int64_t(e) * 2 * I + (rows_ok ? i0 : 0) + g) * H;
   const WT* up = gate + int64_t(I) * H;
-  const int nch = (H + kChunkK - 1) / kChunkK;  // K chunks (H % 16 == 0: a lane's 16 bytes are whole or absent)
+  const int nch = (H + kChunkK - 1) / kChunkK;  // K chunks
   const float inv_a = kFp8 ? 1.0f / a_scale[0] : 1.0f;
   const int per = (nch + split - 1) / split;
   const int ch0 = ks * per, ch1 = rows_ok ? min(nch, ch0 + per) : ch0;
-
   for (int m0 = 0; m0 < group; m0 += 8) {  // members m0..m0+7 (by pair index) of this expert's group
     if (warp == 0) {
       int seen = 0;
@@ -315,36 +364,12 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_stage1(
     }
     __syncthreads();
     const int gc = min(8, group - m0);
-    const __nv_bfloat16* xr = g < gc ? x + int64_t(s_member[g] / topk) * H : nullptr;
-    float d[4] = {0.f, 0.f, 0.f, 0.f};
-    // register double buffering: the next kUnroll chunks are in flight while this batch feeds the MMAs
-    Chunk cur[kUnroll], nxt[kUnroll];
+    const __nv_bfloat16* xr[1] = {g < gc ? x + int64_t(s_member[g] / topk) * H : nullptr};
+    float d[1][4] = {};
+    mma_stream(d, gate, up, xr, H, ch0, ch1, inv_a);
+    // d[0][0], d[0][1]: gate of row i0+g for members 2c, 2c+1; d[0][2], d[0][3]: up of the same
 #pragma unroll
-    for (int r = 0; r < kUnroll; ++r) {
-      const int k = (ch0 + r) * kChunkK + c * kLaneK;
-      load_chunk(cur[r], gate, up, xr, k, ch0 + r < ch1 && k < H);
-    }
-    for (int ch = ch0; ch < ch1; ch += kUnroll) {
-#pragma unroll
-      for (int r = 0; r < kUnroll; ++r) {
-        const int k = (ch + kUnroll + r) * kChunkK + c * kLaneK;
-        load_chunk(nxt[r], gate, up, xr, k, ch + kUnroll + r < ch1 && k < H);
-      }
-#pragma unroll
-      for (int r = 0; r < kUnroll; ++r) {
-        // K permutation shared by both operands: lane (g, c) owns 4 bytes of K at a0/b0 and 4 at a2/b1 of each
-        // MMA step and loads 16 contiguous bytes of the chunk (elements c*kLaneK ..): the first 8 bytes feed
-        // step 0, the rest step 1. A rows: g = gate row i0+g, g+8 = up row i0+g; B column g = member g.
-        const uint4 b = b_operand(cur[r], inv_a);
-        mma_step(d, cur[r].a.x, cur[r].u.x, cur[r].a.y, cur[r].u.y, b.x, b.y);
-        mma_step(d, cur[r].a.z, cur[r].u.z, cur[r].a.w, cur[r].u.w, b.z, b.w);
-      }
-#pragma unroll
-      for (int r = 0; r < kUnroll; ++r) cur[r] = nxt[r];
-    }
-    // d[0], d[1]: gate of row i0+g for members 2c, 2c+1; d[2], d[3]: up of the same
-#pragma unroll
-    for (int j = 0; j < 4; ++j) s_red[warp][lane][j] = d[j];
+    for (int j = 0; j < 4; ++j) s_red[warp][lane][j] = d[0][j];
     __syncthreads();
     if (ks == 0 && rows_ok) {
       float v[4] = {0.f, 0.f, 0.f, 0.f};
@@ -582,10 +607,131 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_stage2(
 """
 
 
+_STAGE2_GROUPED = r"""
+namespace {
+namespace jk {
+
+// grid (E, ceil(H / 16 / (kWarps / split))); block kWarps * 32. The CTA of expert e streams 16 rows of W2[e] per
+// warp group (rows h0 .. h0 + 7 are the MMA's M rows 0-7, h0 + 8 .. h0 + 15 rows 8-15) against the expert's routed
+// activation rows (contiguous: sorted rows offsets[e] ..), kN x 8 of them a pass, and writes float32 partial rows
+// y[sorted row][h]. Warp w serves row block w / split over K slice w % split; split warps reduce through shared
+// memory (kWarps x 32 x 4 kN floats, dynamic, when split > 1).
+__global__ void __launch_bounds__(kWarps * 32) gemv_stage2g(
+    const WT* __restrict__ act, const WT* __restrict__ w2, float* __restrict__ y,
+    const int32_t* __restrict__ offsets, int E, int H, int I, int split, const float* __restrict__ a2_scale,
+    const float* __restrict__ w2_scale) {
+  extern __shared__ float s_red2[];
+  const int e = blockIdx.x;
+  const int base = offsets[e], group = offsets[e + 1] - base;
+  if (group <= 0) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int ib = warp / split, ks = warp % split;
+  const int h0 = (blockIdx.y * (kWarps / split) + ib) * 16;
+  const bool rows_ok = h0 < H;  // H % 16 == 0: a row block is whole or absent
+  const WT* lo = w2 + (int64_t(e) * H + (rows_ok ? h0 : 0) + g) * I;
+  const WT* hi = lo + int64_t(8) * I;
+  const int nch = (I + kChunkK - 1) / kChunkK;
+  const int per = (nch + split - 1) / split;
+  const int ch0 = ks * per, ch1 = rows_ok ? min(nch, ch0 + per) : ch0;
+  const float scale = kFp8 ? a2_scale[0] * w2_scale[e] : 1.0f;
+  constexpr int kPass = 8 * kN;
+  for (int m0 = 0; m0 < group; m0 += kPass) {
+    const int gc = min(kPass, group - m0);
+    const WT* ar[kN];
+#pragma unroll
+    for (int j = 0; j < kN; ++j) ar[j] = 8 * j + g < gc ? act + int64_t(base + m0 + 8 * j + g) * I : nullptr;
+    float d[kN][4] = {};
+    mma_stream(d, lo, hi, ar, I, ch0, ch1, 1.0f);
+    if (split > 1) {
+      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < kN; ++j)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) s_red2[(warp * 32 + lane) * 4 * kN + 4 * j + v] = d[j][v];
+      __syncthreads();
+      if (ks == 0) {
+        for (int w = warp + 1; w < warp + split; ++w)
+#pragma unroll
+          for (int j = 0; j < kN; ++j)
+#pragma unroll
+            for (int v = 0; v < 4; ++v) d[j][v] += s_red2[(w * 32 + lane) * 4 * kN + 4 * j + v];
+      }
+    }
+    if (ks == 0 && rows_ok) {
+      // d[j][0], d[j][1]: row h0+g for rows 8j+2c, 8j+2c+1 of the pass; d[j][2], d[j][3]: row h0+8+g of the same
+#pragma unroll
+      for (int j = 0; j < kN; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int m = 8 * j + 2 * c + h;
+          if (m < gc) {
+            float* yr = y + int64_t(base + m0 + m) * H + h0 + g;
+            yr[0] = d[j][h] * scale;
+            yr[8] = d[j][2 + h] * scale;
+          }
+        }
+    }
+  }
+}
+
+// out[t] = sum of y over token t's routed rows (float32, rounded once); block: 4 columns per thread
+__global__ void combine_y(const float* __restrict__ y, const int32_t* __restrict__ sorted_pos, int topk, int H,
+                          __nv_bfloat16* __restrict__ out) {
+  const int t = blockIdx.x;
+  for (int h = threadIdx.x * 4; h < H; h += blockDim.x * 4) {
+    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int j = 0; j < topk; ++j) {
+      const int pos = sorted_pos[int64_t(t) * topk + j];
+      if (pos < 0) continue;
+      const float4 v = *reinterpret_cast<const float4*>(y + int64_t(pos) * H + h);
+      s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+    }
+    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(out + int64_t(t) * H + h);
+    o[0] = __floats2bfloat162_rn(s.x, s.y);
+    o[1] = __floats2bfloat162_rn(s.z, s.w);
+  }
+}
+
+}  // namespace jk
+}  // namespace
+
+""" + STAGE2_SIGNATURE + r"""  using namespace jk;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_);
+  if (T < 0 || topk <= 0 || E <= 0 || H <= 0 || I <= 0 || (H % 16) || (I % 16)) return int(cudaErrorInvalidValue);
+  if (kFp8 ? !(a2_scale && w2_scale) : (a2_scale || w2_scale)) return int(cudaErrorInvalidValue);
+  const int64_t P = int64_t(T) * topk;
+  const size_t need = size_t(P > 0 ? P : 1) * size_t(H) * sizeof(float);  // y: float32 rows, in sorted order
+  if (!workspace) {
+    if (workspace_bytes) *workspace_bytes = need;
+    return 0;
+  }
+  if (!workspace_bytes || *workspace_bytes < need) return int(cudaErrorInvalidValue);
+  if (T == 0) return 0;
+  if (P > 0x7fffffff || E > 0x7fffffff - 1) return int(cudaErrorInvalidValue);
+  // K split: enough warps to keep every SM streaming (~24 warps each); count the experts P uniform picks reach
+  const int64_t blocks16 = H / 16;
+  const int64_t target = int64_t(sm_count()) * 24;
+  const double active = double(E) * (1.0 - pow(1.0 - 1.0 / double(E), double(P)));
+  int split = 1;
+  while (split < kWarps && active * double(blocks16 * split) < double(target)) split *= 2;
+  const int per_cta = kWarps / split;
+  dim3 grid(unsigned(E), unsigned((blocks16 + per_cta - 1) / per_cta));
+  const size_t smem = split > 1 ? sizeof(float) * size_t(kWarps) * 32 * 4 * kN : 0;
+  float* y = static_cast<float*>(workspace);
+  gemv_stage2g<<<grid, kWarps * 32, smem, stream>>>(
+      static_cast<const WT*>(act), static_cast<const WT*>(w2), y, expert_offsets, E, H, I, split, a2_scale,
+      w2_scale);
+  const int threads = H / 4 >= 256 ? 256 : ((H / 4 + 31) / 32) * 32;
+  combine_y<<<unsigned(T), threads, 0, stream>>>(y, sorted_pos, topk, H, static_cast<__nv_bfloat16*>(out));
+  return int(cudaGetLastError());
+}
+"""
+
 def render_gemv(inst: MoEGemv) -> str:
-    text = _COMMON + (_STAGE1 if inst.stage == 1 else _STAGE2)
+    text = _COMMON + (_STAGE1 if inst.stage == 1 else _STAGE2 if inst.n == 0 else _STAGE2_GROUPED)
     for k, v in dict(name=inst.name, symbol=inst.symbol, digest16=inst.digest[:16], warps=inst.warps,
-                     unroll=inst.unroll, fp8="true" if inst.dtype == "fp8" else "false").items():
+                     unroll=inst.unroll, n=inst.n, fp8="true" if inst.dtype == "fp8" else "false").items():
         text = text.replace(f"@@{k}@@", str(v))
     assert "@@" not in text, "a template field without a value"
     return text

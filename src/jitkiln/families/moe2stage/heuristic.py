@@ -11,20 +11,28 @@ Quantities the heuristic reads from a problem (tokens, hidden, inter_dim, expert
 
 Tiles (M x N x K; schedule; cluster) and why each exists:
 
-``DECODE_N64``  64x64x128 ping-pong -- decode and tiny batches (m <= 32) when few output tiles exist: the
-    GEMM is a weight stream (every weight byte is read once, m rows use it), so the only goal is enough CTAs
-    in flight to pull HBM bandwidth; N=64 doubles the CTA count over N=128. K=128 keeps 32 KB per stage in
-    flight per CTA. M=64 is the smallest wgmma M, so little of the tile is padding.
-``DECODE_N128`` 64x128x128 ping-pong -- the same weight-stream regime when there are already >= ~2 tiles
-    per SM with N=128 (many active experts, or a wide N): fewer, larger TMA loads, and less A re-read.
-``MEDIUM``      128x128x64 cooperative -- 32 < m <= 128 rows per expert: one M tile covers an expert's rows,
-    two consumer warpgroups split it (64 rows each) so the tensor cores see 128-row work, and each weight
-    tile is still read only once or twice.
+``DECODE_N64``  64x64x128 ping-pong -- the weight-stream regime (below) when the grid of 128-wide output tiles
+    would not even fill half the SMs (<= SM_COUNT / 2 tiles): every weight byte is read once and m rows use it,
+    so the only goal is enough CTAs in flight to pull HBM bandwidth; N=64 doubles the CTA count over N=128.
+    K=128 keeps 32 KB per stage in flight per CTA. M=64 is the smallest wgmma M.
+``DECODE_N128`` 64x128x128 ping-pong -- the same regime once the 128-wide grid has more than SM_COUNT / 2 tiles:
+    fewer, larger TMA loads, less A re-read. For bf16 (CUTLASS) it serves up to ``DECODE_ROWS`` = 128 rows per
+    expert: measured on the H200 (bench/results/moe-sweep-mid-h200.json: six shapes, 4-2048 tokens, every tile
+    of each stage timed with the other stage fixed) it is faster than 64x64 in every cell with m >= 4 (by
+    3-15 %), than the 128x128 cooperative tile in every cell up to m = 128 but one (small-moe at m = 64: 0.2 %
+    slower), and than 128x256 up to m = 128 except Mixtral at m = 128 (3 % slower); so bf16 does not use
+    ``MEDIUM``. fp8 and the CuTe DSL tiles keep ``DECODE_ROWS_OTHER`` = 32 (the DSL's 64x128 tile measured 7-18 %
+    slower than its 128x128 at m = 64; fp8 not re-measured).
+``MEDIUM``      128x128x64 cooperative -- fp8 and the DSL tiles, 32 < m <= 128 rows per expert: one M tile covers
+    an expert's rows, two consumer warpgroups split it (64 rows each) so the tensor cores see 128-row work, and
+    each weight tile is still read only once or twice.
 ``LARGE``       128x256x64 cooperative, cluster 2x1 -- m > 128 (prefill, big batches): compute bound; the
     largest tile CUTLASS's cooperative sm90 kernel keeps in registers gives the best wgmma efficiency, and
     the 2x1 cluster multicasts each weight (B) tile to the two CTAs of neighbouring M tiles, halving weight
     traffic from L2.
-``SMALL_K`` (stage 2 only) 128x128x64 ping-pong -- inter_dim <= 256 with m > 32 (e.g. Kimi-K2 at tp 8:
+``SMALL_K`` (stage 2 only) 128x128x64 ping-pong -- inter_dim <= 256 with m above the decode range (bf16:
+    above ``SMALL_K_ROWS`` = 48; measured: at m = 64 and 128 on small-moe (inter_dim 192) it beats every other
+    tile by 4-10 %, at m = 21 and 43 on Kimi-K2 tp8 the 64x128 tile is better) (e.g. Kimi-K2 at tp 8:
     2048 / 8 = 256): stage 2's K is inter_dim, so each output tile has at most 4 k-blocks of math and then
     a 32 KB epilogue store; ping-pong lets one warpgroup's epilogue overlap the other warpgroup's mainloop,
     which cooperative (both warpgroups in the epilogue together) cannot. This mirrors the upstream CK
@@ -44,8 +52,17 @@ Tiles (M x N x K; schedule; cluster) and why each exists:
     k-tiles) or its grid small (active experts x H/128 <= ``FEW_TILES``).
     The GEMV stage 1 writes the same sorted rows, offsets and positions as the CUTLASS one, so either stage 1
     pairs with either stage 2. fp8 (e4m3 weights, per-expert scales) uses the same units with e4m3 MMAs (stage 1
-    quantizes x with the static a_scale as the CUTLASS gather does) and the same thresholds. Not for fp8b128 (its
-    GEMMs keep the tiles) nor for the CuTe DSL variant (whose subject is the DSL GEMM).
+    quantizes x with the static a_scale as the CUTLASS gather does) and the same thresholds. The CuTe DSL variant
+    (``bf16-dsl``) takes the same units (built as plain CUDA by its compiler). Not for fp8b128 (its GEMMs keep
+    the tiles).
+``GEMV_GROUPED`` (stage 2, bf16 and fp8) -- the weight stream grouped by expert: each CTA streams 16 rows of
+    W2[e] per warp against the expert's routed rows, 16 a pass, writes float32 rows, and a second launch sums a
+    token's rows. It exists for small stage-2 weights at a few rows per expert, where the tile path's setup
+    and GEMM launches cost more than its stream (small-moe and Mixtral at 16-128 tokens: 5-18 % faster than the
+    64x128 tile; bench/results/moe-sweep-mid-h200.json): m in (the per-token unit's range, ``GROUPED_ROWS``]
+    and the active experts' W2 at most ``GROUPED_ELEMS`` elements. Larger W2 (Qwen3-235B, Kimi-K2 ep8)
+    streams faster through the tiles; the 32-row pass and stage-1 16/32-row passes measured slower than the
+    tiles everywhere and are not candidates.
 
 fp8 (e4m3, per-tensor activation scale, per-expert weight scale) uses the same tile shapes with K tiles
 of 128 elements (128 bytes: the same swizzle atom bf16 gets from K=64) and the FP8 fast-accumulation
@@ -77,7 +94,13 @@ from .instances import MoEStage1, MoEStage2
 SMALL_INTER_DIM = 256
 """Stage 2 uses the SMALL_K tile when inter_dim <= this (upstream CK's threshold too)."""
 
-DECODE_ROWS = 32
+DECODE_ROWS = 128
+"""bf16 (CUTLASS): the 64-row ping-pong tiles up to this many rows per expert (then LARGE; MEDIUM is not used)."""
+DECODE_ROWS_OTHER = 32
+"""fp8, the CuTe DSL tiles and fp8b128: measured with 32 (the DSL's 64x128 tile at 64 rows is 7-18 % slower than
+its 128x128 one); not re-measured for fp8."""
+SMALL_K_ROWS = 48
+"""bf16 (CUTLASS) stage 2 with inter_dim <= SMALL_INTER_DIM takes SMALL_K above this many rows per expert."""
 MEDIUM_ROWS = 128
 SM_COUNT = 132  # H100 SXM; only used to judge "enough tiles", not a correctness input
 GEMV_ROWS_S1 = 1.15
@@ -89,9 +112,14 @@ GEMV_ROWS_S2 = 1.5
 GEMV_ROWS_S2_SHORT = 2.5
 """... or <= this while the tile GEMM is short (inter_dim <= SMALL_INTER_DIM) or its grid small."""
 FEW_TILES = 3 * SM_COUNT
+GROUPED_ROWS = 10
+"""Stage 2 is the grouped GEMV unit while the expected rows per active expert are <= this ..."""
+GROUPED_ELEMS = 128 << 20
+"""... and the active experts' W2 holds at most this many elements (small stage-2 weights)."""
 GEMV_DTYPES = ("bf16", "fp8")
 GEMV = {(dt, st): cls(dtype=dt, warps=w, unroll=4) for dt in GEMV_DTYPES
         for st, cls, w in ((1, MoEGemv1, 8), (2, MoEGemv2, 4))}
+GEMV_GROUPED = {dt: MoEGemv2(dtype=dt, warps=8, unroll=2, n=2) for dt in GEMV_DTYPES}
 
 
 def _k(dtype: str, bf16_k: int) -> int:
@@ -120,13 +148,20 @@ STAGE1_ROLES = ("DECODE_N64", "DECODE_N128", "MEDIUM", "LARGE")
 STAGE2_ROLES = ("DECODE_N64", "DECODE_N128", "MEDIUM", "LARGE", "SMALL_K")
 
 
-def candidates(dtype: str, gemv: bool = True) -> list:
-    """Every instance ``select`` can return for ``dtype`` (``gemv``: with the weight-stream units, bf16 and fp8)."""
+def decode_rows(dtype: str, dsl: bool = False) -> int:
+    """Rows per expert up to which the 64-row ping-pong tiles serve (see DECODE_ROWS, DECODE_ROWS_OTHER)."""
+    return DECODE_ROWS if dtype == "bf16" and not dsl else DECODE_ROWS_OTHER
+
+
+def candidates(dtype: str, gemv: bool = True, dsl: bool = False) -> list:
+    """Every instance ``select`` can return for ``dtype`` (``gemv``: with the weight-stream units, bf16 and fp8;
+    ``dsl``: the thresholds of the CuTe DSL tiles)."""
     t = tiles(dtype)
-    out: list = [MoEStage1(dtype=dtype, **t[r]) for r in STAGE1_ROLES if r in t]
-    out += [MoEStage2(dtype=dtype, **t[r]) for r in STAGE2_ROLES if r in t]
+    skip = {"MEDIUM"} if decode_rows(dtype, dsl) >= MEDIUM_ROWS else set()  # bf16 (CUTLASS): never selected
+    out: list = [MoEStage1(dtype=dtype, **t[r]) for r in STAGE1_ROLES if r in t and r not in skip]
+    out += [MoEStage2(dtype=dtype, **t[r]) for r in STAGE2_ROLES if r in t and r not in skip]
     if gemv and dtype in GEMV_DTYPES:
-        out += [GEMV[(dtype, 1)], GEMV[(dtype, 2)]]
+        out += [GEMV[(dtype, 1)], GEMV[(dtype, 2)], GEMV_GROUPED[dtype]]
     return out
 
 
@@ -156,48 +191,61 @@ def use_gemv(stage: int, p: Mapping[str, Any]) -> bool:
     return m <= GEMV_ROWS_S2 or ((few or p["inter_dim"] <= SMALL_INTER_DIM) and m <= GEMV_ROWS_S2_SHORT)
 
 
-def role(stage: int, p: Mapping[str, Any], dtype: str = "bf16", gemv: bool = True) -> str:
+def use_grouped(p: Mapping[str, Any]) -> bool:
+    """Whether stage 2 takes the grouped weight-stream unit (see the module docstring)."""
+    return (rows_per_active_expert(p) <= GROUPED_ROWS
+            and active_experts(p) * p["hidden"] * p["inter_dim"] <= GROUPED_ELEMS)
+
+
+def role(stage: int, p: Mapping[str, Any], dtype: str = "bf16", gemv: bool = True, dsl: bool = False) -> str:
     m = rows_per_expert(p)
     if gemv and dtype in GEMV_DTYPES and use_gemv(stage, p):
         return "GEMV"
+    if gemv and dtype in GEMV_DTYPES and stage == 2 and use_grouped(p):
+        return "GEMV_GROUPED"
     if dtype == "fp8b128":  # three tiles (see the module docstring)
-        if m <= DECODE_ROWS or (stage == 2 and p["inter_dim"] <= SMALL_INTER_DIM):
+        if m <= DECODE_ROWS_OTHER or (stage == 2 and p["inter_dim"] <= SMALL_INTER_DIM):
             return "DECODE_N128"
         return "MEDIUM" if m <= MEDIUM_ROWS else "LARGE"
-    if stage == 2 and p["inter_dim"] <= SMALL_INTER_DIM and m > DECODE_ROWS:
+    dr = decode_rows(dtype, dsl)
+    if stage == 2 and p["inter_dim"] <= SMALL_INTER_DIM and m > min(dr, SMALL_K_ROWS):
         return "SMALL_K"
-    if m <= DECODE_ROWS:
+    if m <= dr:
         n = 2 * p["inter_dim"] if stage == 1 else p["hidden"]
         tiles128 = active_experts(p) * math.ceil(n / 128)
-        return "DECODE_N128" if tiles128 >= 2 * SM_COUNT else "DECODE_N64"
+        return "DECODE_N128" if tiles128 > SM_COUNT // 2 else "DECODE_N64"
     if m <= MEDIUM_ROWS:
         return "MEDIUM"
     return "LARGE"
 
 
-def select(dtype: str, p: Mapping[str, Any], gemv: bool = True) -> dict:
+def select(dtype: str, p: Mapping[str, Any], gemv: bool = True, dsl: bool = False) -> dict:
     t = tiles(dtype)
     out = {}
     for stage, cls in ((1, MoEStage1), (2, MoEStage2)):
-        r = role(stage, p, dtype, gemv)
-        out[f"stage{stage}"] = GEMV[(dtype, stage)] if r == "GEMV" else cls(dtype=dtype, **t[r])
+        r = role(stage, p, dtype, gemv, dsl)
+        out[f"stage{stage}"] = (GEMV[(dtype, stage)] if r == "GEMV" else GEMV_GROUPED[dtype] if r == "GEMV_GROUPED"
+                                else cls(dtype=dtype, **t[r]))
     return out
 
 
-RULES = {
-    "DECODE_N64": "rows per expert <= %d and fewer than %d output tiles of N=128" % (DECODE_ROWS, 2 * SM_COUNT),
-    "DECODE_N128": "rows per expert <= %d and at least %d output tiles of N=128" % (DECODE_ROWS, 2 * SM_COUNT),
-    "MEDIUM": "%d < rows per expert <= %d" % (DECODE_ROWS, MEDIUM_ROWS),
-    "LARGE": "rows per expert > %d" % MEDIUM_ROWS,
-    "SMALL_K": "stage 2 with inter_dim <= %d and rows per expert > %d" % (SMALL_INTER_DIM, DECODE_ROWS),
-}
+def rules(dr: int) -> dict[str, str]:
+    """The tile roles' rules with the 64-row tiles serving up to ``dr`` rows per expert."""
+    return {
+        "DECODE_N64": "rows per expert <= %d and at most %d output tiles of N=128" % (dr, SM_COUNT // 2),
+        "DECODE_N128": "rows per expert <= %d and more than %d output tiles of N=128" % (dr, SM_COUNT // 2),
+        "MEDIUM": "%d < rows per expert <= %d" % (dr, MEDIUM_ROWS),
+        "LARGE": "rows per expert > %d" % max(dr, MEDIUM_ROWS),
+        "SMALL_K": "stage 2 with inter_dim <= %d and rows per expert > %d" % (SMALL_INTER_DIM, min(dr, SMALL_K_ROWS)),
+    }
 
 
 def role_of(inst) -> str:
     if is_gemv(inst):
-        return "GEMV"
+        return "GEMV_GROUPED" if inst.stage == 2 and inst.n > 0 else "GEMV"
+    extra = {"occupancy": inst.occupancy} if hasattr(inst, "occupancy") else {}  # the DSL tiles' own field
     for r, params in tiles(inst.dtype).items():
-        probe = type(inst)(dtype=inst.dtype, **params)
+        probe = type(inst)(dtype=inst.dtype, **params, **extra)
         if probe == inst:
             return r
     raise KeyError(inst.name)
@@ -205,14 +253,18 @@ def role_of(inst) -> str:
 
 RULES_B128 = {
     "DECODE_N128": "rows per expert <= %d, or inter_dim <= %d (the small-inter_dim ping-pong path)"
-                   % (DECODE_ROWS, SMALL_INTER_DIM),
-    "MEDIUM": "%d < rows per expert <= %d" % (DECODE_ROWS, MEDIUM_ROWS),
+                   % (DECODE_ROWS_OTHER, SMALL_INTER_DIM),
+    "MEDIUM": "%d < rows per expert <= %d" % (DECODE_ROWS_OTHER, MEDIUM_ROWS),
     "LARGE": "rows per expert > %d" % MEDIUM_ROWS,
 }
 
 
 def rule(inst) -> str:
     r = role_of(inst)
+    if r == "GEMV_GROUPED":
+        return (f"stage 2, GEMV_GROUPED: {inst.dtype} with <= {GROUPED_ROWS} expected rows per active expert (above "
+                f"the per-token unit's range) and the active experts' W2 at most {GROUPED_ELEMS >> 20}M elements "
+                f"(small stage-2 weights: the tile path's launches cost more than its stream)")
     if r == "GEMV":
         if inst.stage == 1:
             when = (f"<= {GEMV_ROWS_S1:g} expected rows per active expert, or <= {GEMV_ROWS_FEW:g} with at most "
@@ -227,9 +279,9 @@ def rule(inst) -> str:
         if inst.stage == 2 and r in ("MEDIUM", "LARGE"):
             text += " (and inter_dim > %d)" % SMALL_INTER_DIM
         elif inst.stage == 1 and r == "DECODE_N128":
-            text = "rows per expert <= %d" % DECODE_ROWS
+            text = "rows per expert <= %d" % DECODE_ROWS_OTHER
         return f"stage {inst.stage}, {r}: {text}"
-    text = RULES[r]
+    text = rules(decode_rows(inst.dtype, getattr(inst, "backend", "") == "dsl"))[r]
     if inst.stage == 2 and r in ("MEDIUM", "LARGE"):
         text += " (and inter_dim > %d)" % SMALL_INTER_DIM
     return f"stage {inst.stage}, {r}: {text}"
