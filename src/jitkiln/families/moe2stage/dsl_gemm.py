@@ -92,7 +92,8 @@ class MoEGroupedGemm:
             + self.tile_shape_mnk[1]
         d_bytes = self.d_cosize * self.a_dtype.width // 8
         ab_bytes = (self.tile_shape_mnk[0] + self.tile_shape_mnk[1]) * tk * self.a_dtype.width // 8
-        budget = self.smem_capacity // self.occupancy - 1024 * self.occupancy  # per CTA (and its reserved 1 KB)
+        # per CTA; 2 CTAs: the second's reserved 1 KB too (1 CTA: the whole capacity, as before the option)
+        budget = self.smem_capacity // self.occupancy - 1024 * (self.occupancy - 1)
         self.ab_stage = min(8, (budget - d_bytes - 1024) // ab_bytes)
         if self.ab_stage < 2:
             raise ValueError(f"tile {self.tile_shape_mnk} at occupancy {self.occupancy}: fewer than 2 stages fit")
