@@ -47,8 +47,8 @@ def main():
     have = {c.digest for c in base("bf16")}
     extra = [e for e in extra if e.digest not in have]
 
-    def candidates(dtype, gemv=True):
-        return base(dtype, gemv) + (extra if dtype == "bf16" and gemv else [])
+    def candidates(dtype, gemv=True, dsl=False):
+        return base(dtype, gemv, dsl) + (extra if dtype == "bf16" and gemv and not dsl else [])
     heuristic.candidates = candidates
     print("extra GEMV variants: " + ", ".join(e.name for e in extra), flush=True)
     import moe_perf

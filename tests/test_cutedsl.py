@@ -183,3 +183,15 @@ def test_plain_cuda_unit_of_the_dsl_variant_compiles_without_a_worker(tmp_path, 
     T, topk, E, H, I = 3, 2, 4, 64, 32
     assert launch(None, None, None, None, None, T, topk, E, H, I, None, None, None, ctypes.byref(n), None) == 0
     assert n.value == T * topk * H * 4
+
+
+def test_dsl_stage1_routes_in_one_launch_with_a_fallback():
+    """bf16-dsl's stage 1: ranks, offsets and tile offsets in one block while the counts fit in shared memory and
+    the pairs are few; otherwise the memset, count, scan and tile-offset launches (E > 8192 or n > 16384)."""
+    fam = get_family("moe2stage")
+    inst = next(i for i in fam.candidates("bf16-dsl") if i.name.startswith("moe2stage_s1_bf16_64x128x128"))
+    _, files = cutedsl.parse_unit(fam.render(inst))
+    glue = files["glue.cu"]
+    assert "route_tiles<<<1, 1024, 0, stream>>>" in glue
+    assert "const bool one = E <= kRouteE && n <= kRouteN;" in glue
+    assert "count_rows<<<" in glue and "if (!one) tile_offsets<<<" in glue

@@ -73,6 +73,59 @@ __global__ void tile_offsets(const int32_t* __restrict__ offsets, int E, int32_t
   }
   if (tid == 1023) tile_off[E] = part[1023];
 }
+
+// Exclusive scan of one value per thread over a block of 1024: (this thread's prefix, the block's total).
+__device__ __forceinline__ int2 block_scan(int v, int32_t* part) {
+  const int tid = threadIdx.x;
+  __syncthreads();  // part may still be read by an earlier scan
+  part[tid] = v;
+  __syncthreads();
+  for (int d = 1; d < 1024; d <<= 1) {
+    int u = tid >= d ? part[tid - d] : 0;
+    __syncthreads();
+    part[tid] += u;
+    __syncthreads();
+  }
+  return make_int2(part[tid] - v, part[1023]);
+}
+__device__ __forceinline__ int padded_tiles(int m) {
+  return ((m + kTileM - 1) / kTileM + kClusterM - 1) / kClusterM * kClusterM;
+}
+
+// Stage 1's routing in one launch while the counts fit in shared memory (E <= kRouteE) and a block's pass over
+// the pairs is short (n <= kRouteN): each (t, k) pair's rank inside its expert (shared-memory atomics),
+// offsets (the rows' exclusive scan) and tile_off (the padded M tiles' scan) -- what the memset, count_rows,
+// scan_counts and tile_offsets launches do otherwise. One block of 1024.
+constexpr int kRouteE = 8192;
+constexpr int kRouteN = 16384;
+__global__ void __launch_bounds__(1024) route_tiles(const int32_t* __restrict__ ids, int n, int E,
+                                                    int32_t* __restrict__ rank, int32_t* __restrict__ offsets,
+                                                    int32_t* __restrict__ tile_off) {
+  __shared__ int32_t cnt[kRouteE];
+  __shared__ int32_t part[1024];
+  const int tid = threadIdx.x;
+  for (int e = tid; e < E; e += 1024) cnt[e] = 0;
+  __syncthreads();
+  for (int i = tid; i < n; i += 1024) {
+    int e = ids[i];
+    rank[i] = (e >= 0 && e < E) ? atomicAdd(&cnt[e], 1) : -1;
+  }
+  __syncthreads();
+  const int per = (E + 1023) / 1024;
+  const int lo = min(E, tid * per), hi = min(E, lo + per);
+  int rows = 0, tiles = 0;
+  for (int e = lo; e < hi; ++e) { rows += cnt[e]; tiles += padded_tiles(cnt[e]); }
+  const int2 r = block_scan(rows, part);
+  const int2 t = block_scan(tiles, part);
+  int run = r.x, runt = t.x;
+  for (int e = lo; e < hi; ++e) {
+    offsets[e] = run;
+    tile_off[e] = runt;
+    run += cnt[e];
+    runt += padded_tiles(cnt[e]);
+  }
+  if (tid == 0) { offsets[E] = r.y; tile_off[E] = t.y; }
+}
 }  // namespace
 extern "C" int @@prefix@@_gemm(const void* A, const void* B, void* D, const int32_t* offsets, const int32_t* tile_off,
                               int rows, int N, int K, int E, void* stream);
@@ -136,13 +189,18 @@ __global__ void activate_rows(const __nv_bfloat16* __restrict__ h, const int32_t
   if (workspace_bytes && *workspace_bytes < b.off) return int(cudaErrorInvalidValue);
   if (T == 0) return 0;
   cudaError_t err;
-  if ((err = cudaMemsetAsync(counts, 0, sizeof(int32_t) * E, stream)) != cudaSuccess) return int(err);
   int n = int(rows);
-  count_rows<<<(n + 255) / 256, 256, 0, stream>>>(topk_ids, n, E, counts, rank);
-  scan_counts<<<1, 1024, 0, stream>>>(counts, E, expert_offsets);
+  const bool one = E <= kRouteE && n <= kRouteN;  // routing in one launch (route_tiles), else four
+  if (one) {
+    route_tiles<<<1, 1024, 0, stream>>>(topk_ids, n, E, rank, expert_offsets, tile_off);
+  } else {
+    if ((err = cudaMemsetAsync(counts, 0, sizeof(int32_t) * E, stream)) != cudaSuccess) return int(err);
+    count_rows<<<(n + 255) / 256, 256, 0, stream>>>(topk_ids, n, E, counts, rank);
+    scan_counts<<<1, 1024, 0, stream>>>(counts, E, expert_offsets);
+  }
   gather_rows<<<n, 128, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), topk_ids, topk_w, rank, expert_offsets,
                                      topk, H, sorted_pos, w_sorted, xs);
-  tile_offsets<<<1, 1024, 0, stream>>>(expert_offsets, E, tile_off);
+  if (!one) tile_offsets<<<1, 1024, 0, stream>>>(expert_offsets, E, tile_off);
   if ((err = cudaGetLastError()) != cudaSuccess) return int(err);
   int st = @@prefix@@_gemm(xs, w13, h, expert_offsets, tile_off, n, 2 * I, H, E, stream_);
   if (st != 0) return st;
