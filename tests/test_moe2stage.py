@@ -38,8 +38,9 @@ def test_candidates_unique_and_described(fam):
     for v in fam.variants():
         cands = fam.candidates(v)
         # bf16, fp8 and bf16-dsl also have the three weight-stream (GEMV) units (stage 1, stage 2 per token, stage 2
-        # grouped by expert); fp8b128 keeps the tiles only; bf16 (CUTLASS) never selects the 128x128 cooperative tile
-        assert len({c.digest for c in cands}) == len(cands) == {"fp8b128": 6, "bf16": 10}.get(v, 12)
+        # grouped by expert); fp8b128 keeps the tiles only; bf16 (CUTLASS) trades the 128x128 cooperative tile for
+        # the 64x256 ping-pong one (both stages), bf16-dsl adds it for stage 2
+        assert len({c.digest for c in cands}) == len(cands) == {"fp8b128": 6, "bf16-dsl": 13}.get(v, 12)
         assert len({c.symbol for c in cands}) == len(cands)
         for c in cands:
             assert fam.rule(v, c)
@@ -136,14 +137,19 @@ def test_select_regimes(fam):
     dsl = fam.select("bf16-dsl", {**base, "tokens": 1})  # the DSL variant takes the same weight-stream units ...
     assert all(is_gemv(i) and i.name.endswith("_dsl") for i in dsl.values())
     assert fam.select("bf16-dsl", {**base, "tokens": 512})["stage1"].name.endswith("64x128x128_pingpong_c1x1_dsl")
-    assert r(1024) == {"stage1": "DECODE_N128", "stage2": "DECODE_N128"}  # 64 rows per expert
-    assert r(2048) == {"stage1": "DECODE_N128", "stage2": "DECODE_N128"}  # bf16 (CUTLASS): up to 128 rows
-    assert r(4096) == {"stage1": "LARGE", "stage2": "LARGE"}
+    assert r(512) == {"stage1": "DECODE_N128", "stage2": "DECODE_N256"}  # 32 rows per expert
+    assert r(1024) == {"stage1": "DECODE_N256", "stage2": "DECODE_N256"}  # 64: stage 1 past 40 rows is 256 wide
+    assert r(4096) == {"stage1": "DECODE_N256", "stage2": "LARGE"}  # 256 rows: stage 2 past 128 rows
+    assert r(16384)["stage1"] == "LARGE"  # 1024 rows: 128x256 again
+    assert heuristic.role(1, {**base, "tokens": 1024, "inter_dim": 192}) == "DECODE_N128"  # 2I = 384: no padding
+    assert heuristic.role(2, {**base, "tokens": 64, "experts": 8, "topk": 2}) == "DECODE_N128"  # a few-tile grid
+    assert "fp8" not in [i.dtype for i in fam.candidates("fp8") if i.name.find("64x256x64") >= 0]  # bf16 only
     ds = lambda t: {k: heuristic.role_of(i) for k, i in fam.select("bf16-dsl", {**base, "tokens": t}).items()}  # noqa
-    assert ds(512) == {"stage1": "DECODE_N128", "stage2": "DECODE_N128"}  # the DSL tiles: 32 rows, then MEDIUM
+    assert ds(512) == {"stage1": "DECODE_N128", "stage2": "DECODE_N256"}  # the DSL tiles: 32 rows, then MEDIUM
     assert ds(1024) == {"stage1": "MEDIUM", "stage2": "MEDIUM"}
     assert "rows per expert <= 32" in fam.rule("bf16-dsl", fam.select("bf16-dsl", {**base, "tokens": 512})["stage1"])
     assert "rows per expert <= 128" in fam.rule("bf16", fam.select("bf16", {**base, "tokens": 512})["stage1"])
+    assert "40 < rows per active expert <= 512" in fam.rule("bf16", fam.select("bf16", {**base, "tokens": 4096})["stage1"])
     assert r(16384) == {"stage1": "LARGE", "stage2": "LARGE"}
     assert r(16384, inter_dim=256)["stage2"] == "SMALL_K"
     assert r(1, inter_dim=256)["stage2"] == "GEMV"  # decode stays a weight stream

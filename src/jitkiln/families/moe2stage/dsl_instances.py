@@ -33,12 +33,6 @@ class _DslTile(_Dsl):
     def name(self) -> str:
         return super().name + ("" if self.occupancy == 1 else f"_o{self.occupancy}")  # type: ignore[misc]
 
-    def params(self):
-        d = super().params()
-        if d.get("occupancy") == 1:
-            del d["occupancy"]  # the default: keys and names of the 1-CTA units unchanged
-        return d
-
 
 @dataclass(frozen=True)
 class MoEStage1Dsl(_DslTile, MoEStage1):

@@ -23,6 +23,16 @@ Tiles (M x N x K; schedule; cluster) and why each exists:
     slower), and than 128x256 up to m = 128 except Mixtral at m = 128 (3 % slower); so bf16 does not use
     ``MEDIUM``. fp8 and the CuTe DSL tiles keep ``DECODE_ROWS_OTHER`` = 32 (the DSL's 64x128 tile measured 7-18 %
     slower than its 128x128 at m = 64; fp8 not re-measured).
+``DECODE_N256`` 64x256x64 ping-pong (bf16) -- half as many tiles as 64x128 for the same weights: fewer tile switches
+    (each a TMA descriptor update in the ptr-array kernel) and a wider B stream per CTA. Measured on the H200
+    (``scripts/tile_tune.py``; bench/results/moe-tile-tune-h200.json, 6 shapes x 8-16384 tokens): stage 1 is
+    8-13 % faster than 64x128 and 128x256 from ~43 to ~340 rows per expert (Qwen3-235B at 2048 tokens 1.68 against
+    1.92 ms; Kimi-K2 ep8 at 16384 tokens 3.02 against 3.48 with 128x256), even or slower below ~40 rows and above
+    ~1000 (128x256 wins there), and 4 % slower where 2 * inter_dim = 384 pads a 256-wide tile; stage 2 (N = hidden)
+    is up to 5 % faster than 64x128 wherever its grid has more tiles than SMs (Kimi-K2 tp8 at 128-512 tokens), and
+    slower on few-expert grids (Mixtral at 16-64 tokens). Stage 2 keeps SMALL_K (inter_dim <= 256, above 48 rows:
+    Kimi-K2 tp8 at 4096-16384 tokens 1.72 / 4.81 ms against 1.86 / 4.93) and LARGE above 128 rows (Qwen3-235B at
+    4096 tokens 3.00 against 3.09). The CuTe DSL variant takes it for stage 2 in its decode range.
 ``MEDIUM``      128x128x64 cooperative -- fp8 and the DSL tiles, 32 < m <= 128 rows per expert: one M tile covers
     an expert's rows, two consumer warpgroups split it (64 rows each) so the tensor cores see 128-row work, and
     each weight tile is still read only once or twice.
@@ -134,7 +144,7 @@ def tiles(dtype: str) -> dict[str, dict[str, Any]]:
             "MEDIUM": dict(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative"),
             "LARGE": dict(tile_m=128, tile_n=128, tile_k=128, schedule="cooperative", cluster_m=2, cluster_n=1),
         }
-    return {
+    out = {
         "DECODE_N64": dict(tile_m=64, tile_n=64, tile_k=128, schedule="pingpong"),
         "DECODE_N128": dict(tile_m=64, tile_n=128, tile_k=128, schedule="pingpong"),
         "MEDIUM": dict(tile_m=128, tile_n=128, tile_k=_k(dtype, 64), schedule="cooperative"),
@@ -142,10 +152,37 @@ def tiles(dtype: str) -> dict[str, dict[str, Any]]:
                       cluster_m=2, cluster_n=1),
         "SMALL_K": dict(tile_m=128, tile_n=128, tile_k=_k(dtype, 64), schedule="pingpong"),
     }
+    if dtype == "bf16":  # measured for bf16 only (fp8 would take K = 128: not built, not measured)
+        out["DECODE_N256"] = dict(tile_m=64, tile_n=256, tile_k=64, schedule="pingpong")
+    return out
 
 
-STAGE1_ROLES = ("DECODE_N64", "DECODE_N128", "MEDIUM", "LARGE")
-STAGE2_ROLES = ("DECODE_N64", "DECODE_N128", "MEDIUM", "LARGE", "SMALL_K")
+STAGE1_ROLES = ("DECODE_N64", "DECODE_N128", "DECODE_N256", "MEDIUM", "LARGE")
+STAGE2_ROLES = ("DECODE_N64", "DECODE_N128", "DECODE_N256", "MEDIUM", "LARGE", "SMALL_K")
+N256_ROWS_S1 = 40
+"""bf16 stage 1 takes the 64x256 tile above this many rows per expert ..."""
+N256_MAX_S1 = 512
+"""... up to this many (then LARGE), and only where 2 * inter_dim is a multiple of 256 (no padded columns)."""
+
+
+def use_n256(stage: int, p: Mapping[str, Any], dsl: bool = False) -> bool:
+    """Whether a bf16 64-row tile is 256 wide (see the module docstring for the measurements)."""
+    m = rows_per_active_expert(p)
+    if stage == 1:
+        return not dsl and N256_ROWS_S1 < m <= N256_MAX_S1 and (2 * p["inter_dim"]) % 256 == 0
+    # stage 2: whenever the 256-wide grid has more tiles than SMs (else the 128-wide tile keeps more CTAs busy)
+    return active_experts(p) * math.ceil(m / 64) * math.ceil(p["hidden"] / 256) > SM_COUNT
+
+
+def roles(stage: int, dtype: str, dsl: bool = False) -> list[str]:
+    """The tile roles ``select`` can return for ``stage`` of ``dtype`` (with the DSL tiles' thresholds)."""
+    t = tiles(dtype)
+    out = [r for r in (STAGE1_ROLES if stage == 1 else STAGE2_ROLES) if r in t]
+    if decode_rows(dtype, dsl) >= MEDIUM_ROWS:  # bf16 (CUTLASS): the 64-row tiles serve up to MEDIUM_ROWS
+        out.remove("MEDIUM")
+    if dsl and stage == 1 and "DECODE_N256" in out:
+        out.remove("DECODE_N256")
+    return out
 
 
 def decode_rows(dtype: str, dsl: bool = False) -> int:
@@ -157,9 +194,8 @@ def candidates(dtype: str, gemv: bool = True, dsl: bool = False) -> list:
     """Every instance ``select`` can return for ``dtype`` (``gemv``: with the weight-stream units, bf16 and fp8;
     ``dsl``: the thresholds of the CuTe DSL tiles)."""
     t = tiles(dtype)
-    skip = {"MEDIUM"} if decode_rows(dtype, dsl) >= MEDIUM_ROWS else set()  # bf16 (CUTLASS): never selected
-    out: list = [MoEStage1(dtype=dtype, **t[r]) for r in STAGE1_ROLES if r in t and r not in skip]
-    out += [MoEStage2(dtype=dtype, **t[r]) for r in STAGE2_ROLES if r in t and r not in skip]
+    out: list = [MoEStage1(dtype=dtype, **t[r]) for r in roles(1, dtype, dsl)]
+    out += [MoEStage2(dtype=dtype, **t[r]) for r in roles(2, dtype, dsl)]
     if gemv and dtype in GEMV_DTYPES:
         out += [GEMV[(dtype, 1)], GEMV[(dtype, 2)], GEMV_GROUPED[dtype]]
     return out
@@ -208,9 +244,13 @@ def role(stage: int, p: Mapping[str, Any], dtype: str = "bf16", gemv: bool = Tru
             return "DECODE_N128"
         return "MEDIUM" if m <= MEDIUM_ROWS else "LARGE"
     dr = decode_rows(dtype, dsl)
+    if dtype == "bf16" and stage == 1 and use_n256(1, p, dsl):  # past the decode range too (up to N256_MAX_S1)
+        return "DECODE_N256"
     if stage == 2 and p["inter_dim"] <= SMALL_INTER_DIM and m > min(dr, SMALL_K_ROWS):
         return "SMALL_K"
     if m <= dr:
+        if dtype == "bf16" and use_n256(stage, p, dsl):
+            return "DECODE_N256"
         n = 2 * p["inter_dim"] if stage == 1 else p["hidden"]
         tiles128 = active_experts(p) * math.ceil(n / 128)
         return "DECODE_N128" if tiles128 > SM_COUNT // 2 else "DECODE_N64"
@@ -232,6 +272,9 @@ def select(dtype: str, p: Mapping[str, Any], gemv: bool = True, dsl: bool = Fals
 def rules(dr: int) -> dict[str, str]:
     """The tile roles' rules with the 64-row tiles serving up to ``dr`` rows per expert."""
     return {
+        "DECODE_N256": ("bf16; stage 1: %d < rows per active expert <= %d with 2 * inter_dim a multiple of 256; "
+                        "stage 2: rows per expert <= %d and more than %d tiles of 64x256"
+                        % (N256_ROWS_S1, N256_MAX_S1, dr, SM_COUNT)),
         "DECODE_N64": "rows per expert <= %d and at most %d output tiles of N=128" % (dr, SM_COUNT // 2),
         "DECODE_N128": "rows per expert <= %d and more than %d output tiles of N=128" % (dr, SM_COUNT // 2),
         "MEDIUM": "%d < rows per expert <= %d" % (dr, MEDIUM_ROWS),

@@ -1,0 +1,70 @@
+"""Tuning sweep of moe2stage tiles: extra tile variants of the C++ (CUTLASS) and CuTe DSL grouped GEMMs beside the
+family's candidates, in this process only (the family's candidate lists are extended here, not in the library).
+
+    python scripts/tile_tune.py build-dsl [CACHE_DIR]       # compile the extra DSL tiles (and every bf16-dsl unit)
+    python scripts/tile_tune.py build-cpp [--jobs N]        # compile the extra C++ tiles (and every bf16 unit)
+    python scripts/tile_tune.py check -- <scripts/moe_check.py arguments>
+    python scripts/tile_tune.py bench -- <bench/moe_perf.py arguments with --sweep (and --dsl-cache)>
+
+Measured with it: DSL occupancy 2 (two CTAs per SM; bench/results/moe-dsl-tune-h200.json), 64x256x64 and
+64x128x64 ping-pong tiles (bench/results/moe-tile-tune-h200.json).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "src"))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from jitkiln.families.moe2stage import family as _family  # noqa: E402
+from jitkiln.families.moe2stage.dsl_instances import MoEStage1Dsl, MoEStage2Dsl  # noqa: E402
+from jitkiln.families.moe2stage.instances import MoEStage1, MoEStage2  # noqa: E402
+
+SHAPES = ((64, 256, 64), (64, 128, 64))  # (tile_m, tile_n, tile_k), ping-pong, one CTA per SM
+EXTRA = {
+    "bf16": [cls(dtype="bf16", tile_m=m, tile_n=n, tile_k=k, schedule="pingpong")
+             for cls in (MoEStage1, MoEStage2) for m, n, k in SHAPES],
+    "bf16-dsl": [cls(dtype="bf16", tile_m=m, tile_n=n, tile_k=k, schedule="pingpong")
+                 for cls in (MoEStage1Dsl, MoEStage2Dsl) for m, n, k in SHAPES],
+}
+
+
+def patch() -> None:
+    base = _family.MoE2Stage.candidates
+
+    def candidates(self, variant):
+        return list(base(self, variant)) + EXTRA.get(variant, [])
+    _family.MoE2Stage.candidates = candidates
+    print("extra tiles: " + ", ".join(e.name for v in EXTRA.values() for e in v), flush=True)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("build-dsl", "build-cpp", "check", "bench"):
+        print("tile_tune: usage: tile_tune.py build-dsl [CACHE_DIR] | build-cpp [--jobs N] | check -- <moe_check.py "
+              "arguments> | bench -- <moe_perf.py arguments>", file=sys.stderr)
+        return 2
+    patch()
+    if argv[0] == "build-dsl":
+        import moe_dsl_build
+        return moe_dsl_build.main(argv[1:])
+    if argv[0] == "build-cpp":
+        import moe_build
+        jobs = int(argv[argv.index("--jobs") + 1]) if "--jobs" in argv else None
+        times = moe_build.build("bf16", jobs=jobs, verbose=True)[1]
+        return 1 if any("spills" in note or "C7510" in note for _, note in times.values()) else 0
+    rest = argv[argv.index("--") + 1:] if "--" in argv else argv[1:]
+    if argv[0] == "check":
+        import moe_check
+        sys.argv = ["moe_check.py"] + rest
+        return moe_check.main() or 0
+    import moe_perf
+    sys.argv = ["moe_perf.py"] + rest
+    moe_perf.main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
