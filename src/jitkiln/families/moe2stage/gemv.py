@@ -146,14 +146,14 @@ JK_LOAD16(ld_stream, "nc.L1::no_allocate")
 JK_LOAD16(ld_act, "nc")
 
 // four floats -> four e4m3 (saturating, round to nearest even), low byte first
-__device__ __forceinline__ uint32_t e4m3x4(float a, float b, float c, float d) {
+[[maybe_unused]] __device__ __forceinline__ uint32_t e4m3x4(float a, float b, float c, float d) {
   const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
   const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(c, d), __NV_SATFINITE, __NV_E4M3);
   return lo | (hi << 16);
 }
 // D[16x8] += A[16xK] B[Kx8], float32 accumulate: K = 16 bf16 (m16n8k16) or 32 e4m3 (m16n8k32). Both keep
 // the same register roles: a0/a2 row g, a1/a3 row g+8, b0/b1 column g, each register 4 bytes of K.
-__device__ __forceinline__ void mma_step(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+[[maybe_unused]] __device__ __forceinline__ void mma_step(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
   if constexpr (kFp8)
     asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
@@ -171,7 +171,7 @@ __device__ __forceinline__ void mma_step(float (&d)[4], uint32_t a0, uint32_t a1
 // One K chunk of one warp (32 bf16 or 64 e4m3 elements: 16 bytes per lane and row): 16 weight rows (rows "lo" 0-7,
 // rows "hi" 8-15 of the MMA's M) and kN x 8 routed rows (the MMA's N columns, B). B is read as WT, except in
 // stage 1's fp8 unit, where it is bf16 x (32 bytes per lane) rounded to e4m3 with 1/a_scale when used.
-constexpr int kChunkK = 4 * kLaneK;
+[[maybe_unused]] constexpr int kChunkK = 4 * kLaneK;
 template <bool Q> struct BReg { uint4 b[kN], b2[Q ? kN : 1]; };  // b2: the second 16 bytes of bf16 x (Q only)
 template <bool Q> struct Chunk { uint4 a, u; BReg<Q> x; };
 
@@ -237,6 +237,16 @@ static int sm_count() {
   if (cached[dev] == 0 && cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
     return 132;
   return cached[dev] > 0 ? cached[dev] : 132;
+}
+
+// K split of the expert-grouped units: warps per block of rows, enough for every SM to stream (~24 warps each)
+// from the row blocks that work -- those of the experts P uniform picks over E are expected to reach.
+[[maybe_unused]] static int k_split(int E, int64_t P, int64_t blocks) {
+  const double active = double(E) * (1.0 - pow(1.0 - 1.0 / double(E), double(P)));
+  const int64_t target = int64_t(sm_count()) * 24;
+  int split = 1;
+  while (split < kWarps && active * double(blocks * split) < double(target)) split *= 2;
+  return split;
 }
 
 }  // namespace jk
@@ -419,13 +429,9 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_stage1(
   if (P > 0x7fffffff) return int(cudaErrorInvalidValue);
   const int cap = int(P < kIdsCap ? P : kIdsCap);
   const int hist_ok = (E + 1) * int(sizeof(int)) <= 16 * 1024;
-  // K split: enough warps to keep every SM streaming (~24 warps each), longer-lived warps when pairs are many.
-  // Only the first pair of each expert works: count the experts P uniform picks are expected to reach.
+  // K split (longer-lived warps when pairs are many); only the first pair of each expert works
   const int64_t blocks8 = I / 8;
-  const int64_t target = int64_t(sm_count()) * 24;
-  const double leaders = double(E) * (1.0 - pow(1.0 - 1.0 / double(E), double(P)));
-  int split = 1;
-  while (split < kWarps && leaders * double(blocks8 * split) < double(target)) split *= 2;
+  const int split = k_split(E, P, blocks8);
   const int per_cta = kWarps / split;
   dim3 grid(unsigned(P), unsigned((blocks8 + per_cta - 1) / per_cta));
   const size_t smem = sizeof(int) * (size_t(cap) + (hist_ok ? size_t(E) + 1 : 0));
@@ -709,12 +715,8 @@ __global__ void combine_y(const float* __restrict__ y, const int32_t* __restrict
   if (!workspace_bytes || *workspace_bytes < need) return int(cudaErrorInvalidValue);
   if (T == 0) return 0;
   if (P > 0x7fffffff || E > 0x7fffffff - 1) return int(cudaErrorInvalidValue);
-  // K split: enough warps to keep every SM streaming (~24 warps each); count the experts P uniform picks reach
   const int64_t blocks16 = H / 16;
-  const int64_t target = int64_t(sm_count()) * 24;
-  const double active = double(E) * (1.0 - pow(1.0 - 1.0 / double(E), double(P)));
-  int split = 1;
-  while (split < kWarps && active * double(blocks16 * split) < double(target)) split *= 2;
+  const int split = k_split(E, P, blocks16);
   const int per_cta = kWarps / split;
   dim3 grid(unsigned(E), unsigned((blocks16 + per_cta - 1) / per_cta));
   const size_t smem = split > 1 ? sizeof(float) * size_t(kWarps) * 32 * 4 * kN : 0;
