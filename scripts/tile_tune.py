@@ -38,7 +38,6 @@ def patch() -> None:
     def candidates(self, variant):
         return list(base(self, variant)) + EXTRA.get(variant, [])
     _family.MoE2Stage.candidates = candidates
-    print("extra tiles: " + ", ".join(e.name for v in EXTRA.values() for e in v), flush=True)
 
 
 def main(argv: list[str]) -> int:
@@ -46,13 +45,20 @@ def main(argv: list[str]) -> int:
         print("tile_tune: usage: tile_tune.py build-dsl [CACHE_DIR] | build-cpp [--jobs N] | check -- <moe_check.py "
               "arguments> | bench -- <moe_perf.py arguments>", file=sys.stderr)
         return 2
+    jobs = None
+    if argv[0] == "build-cpp" and "--jobs" in argv:
+        i = argv.index("--jobs")
+        v = argv[i + 1] if i + 1 < len(argv) else ""
+        if not v.isdigit() or int(v) < 1:
+            print("tile_tune: --jobs takes a positive integer", file=sys.stderr)
+            return 2
+        jobs = int(v)
     patch()
     if argv[0] == "build-dsl":
         import moe_dsl_build
         return moe_dsl_build.main(argv[1:])
     if argv[0] == "build-cpp":
         import moe_build
-        jobs = int(argv[argv.index("--jobs") + 1]) if "--jobs" in argv else None
         times = moe_build.build("bf16", jobs=jobs, verbose=True)[1]
         return 1 if any("spills" in note or "C7510" in note for _, note in times.values()) else 0
     rest = argv[argv.index("--") + 1:] if "--" in argv else argv[1:]
@@ -61,6 +67,7 @@ def main(argv: list[str]) -> int:
         sys.argv = ["moe_check.py"] + rest
         return moe_check.main() or 0
     import moe_perf
+    print("extra tiles: " + ", ".join(e.name for v in EXTRA.values() for e in v), flush=True)
     sys.argv = ["moe_perf.py"] + rest
     moe_perf.main()
     return 0
