@@ -36,13 +36,15 @@ Tiles (M x N x K; schedule; cluster) and why each exists:
 ``MEDIUM``      128x128x64 cooperative -- fp8 and the DSL tiles, 32 < m <= 128 rows per expert: one M tile covers
     an expert's rows, two consumer warpgroups split it (64 rows each) so the tensor cores see 128-row work, and
     each weight tile is still read only once or twice.
-``LARGE``       128x256x64 cooperative, cluster 2x1 -- m > 128 (prefill, big batches): compute bound; the
+``LARGE``       128x256x64 cooperative, cluster 2x1 -- m > 128 (prefill, big batches; bf16 stage 1: above 512 where
+    the 64x256 tile applies, i.e. 2 * inter_dim a multiple of 256): compute bound; the
     largest tile CUTLASS's cooperative sm90 kernel keeps in registers gives the best wgmma efficiency, and
     the 2x1 cluster multicasts each weight (B) tile to the two CTAs of neighbouring M tiles, halving weight
     traffic from L2.
 ``SMALL_K`` (stage 2 only) 128x128x64 ping-pong -- inter_dim <= 256 with m above the decode range (bf16:
-    above ``SMALL_K_ROWS`` = 48; measured: at m = 64 and 128 on small-moe (inter_dim 192) it beats every other
-    tile by 4-10 %, at m = 21 and 43 on Kimi-K2 tp8 the 64x128 tile is better) (e.g. Kimi-K2 at tp 8:
+    above ``SMALL_K_ROWS`` = 48; measured: at m = 64 and 128 on small-moe (inter_dim 192) it beats the 64x128
+    and 128x128 tiles by 4-10 % (the 64x256 one is 5 % faster than it there, 7 % slower on Kimi-K2 tp8 at 4096
+    tokens: it stays), at m = 21 and 43 on Kimi-K2 tp8 the 64x128 tile is better) (e.g. Kimi-K2 at tp 8:
     2048 / 8 = 256): stage 2's K is inter_dim, so each output tile has at most 4 k-blocks of math and then
     a 32 KB epilogue store; ping-pong lets one warpgroup's epilogue overlap the other warpgroup's mainloop,
     which cooperative (both warpgroups in the epilogue together) cannot. This mirrors the upstream CK
