@@ -33,6 +33,13 @@ def main() -> int:
         sys.exit(f"ncu_probe: unknown shape {a.shape!r}: choose from {', '.join(SHAPES)}")
     if a.tokens < 1:
         sys.exit("ncu_probe: --tokens must be positive")
+    vl = None
+    if a.vllm:
+        from vllm_moe import VllmUnavailable, load
+        try:
+            vl = load(a.vllm)
+        except VllmUnavailable as e:
+            sys.exit(f"ncu_probe: {e}")
     if not torch.cuda.is_available():
         sys.exit("ncu_probe: no CUDA device here: run it on the GPU machine")
     from moe_build import build
@@ -52,9 +59,7 @@ def main() -> int:
     for _ in range(a.calls):
         fused_moe(x, w13, w2, w, ids, module=mod, ep=ep)
     torch.cuda.synchronize()
-    if a.vllm:
-        from vllm_moe import load
-        vl = load(a.vllm)
+    if vl is not None:
         cfg, src = vl.config(a.tokens, E, I, H, k, torch.cuda.get_device_properties(dev).name)
         print("vllm config:", cfg, src, flush=True)
         asg = vl.assign(ids, cfg["BLOCK_SIZE_M"], Eg, ep)

@@ -61,10 +61,10 @@ class MoEGemv2Dsl(_Dsl, MoEGemv2):
 _TO_DSL = {MoEStage1: MoEStage1Dsl, MoEStage2: MoEStage2Dsl, MoEGemv1: MoEGemv1Dsl, MoEGemv2: MoEGemv2Dsl}
 
 
-def to_dsl(inst: MoEGemm, **extra) -> MoEGemm:
-    """The DSL variant's instance of a bf16 instance (same fields; ``extra``: the DSL tile's own, occupancy)."""
+def to_dsl(inst: MoEGemm) -> MoEGemm:
+    """The DSL variant's instance of a bf16 instance (same fields; a DSL tile's own occupancy at its default)."""
     cls = _TO_DSL[type(inst)]
-    return cls(**{f.name: getattr(inst, f.name) for f in dataclasses.fields(inst)}, **extra)
+    return cls(**{f.name: getattr(inst, f.name) for f in dataclasses.fields(inst)})
 
 
 def is_dsl(inst) -> bool:
