@@ -332,6 +332,15 @@ def main():
                         fm = ForcedModule(modd, *pair)
                         fj = lambda i: fused_moe(xs[i], w13, w2, rts[i][1], rts[i][0], out=outs[i], module=fm)  # noqa
                         res["sweep"][f"s{c.stage}:{c.name}"] = time_graph(fj, range(n_in), max(5, a.reps // 2))[0]
+                if mod8 is not None:  # the fp8 variant's tiles (fp8 inputs, the fp8 pick for the other stage)
+                    sel8 = mod8.family.select("fp8", {"tokens": T, "hidden": H, "inter_dim": I, "experts": E,
+                                                      "topk": k, "ep": ep})
+                    for c in mod8.family.candidates("fp8"):
+                        pair = (c, sel8["stage2"]) if c.stage == 1 else (sel8["stage1"], c)
+                        fm = ForcedModule(mod8, *pair)
+                        fj = lambda i: fused_moe(xs[i], q13, q2, rts[i][1], rts[i][0], out=outs[i], module=fm,  # noqa
+                                                 ep=ep, a_scale=a1, w13_scale=s13, a2_scale=a2, w2_scale=s2)
+                        res["sweep"][f"s{c.stage}:{c.name}"] = time_graph(fj, range(n_in), max(5, a.reps // 2))[0]
                 print("   sweep " + "  ".join(f"{k.split(':')[0]}:{k[13:]} {v:.3f}" for k, v in res["sweep"].items()))
             if (sname.replace(" ", "_"), str(T)) in profile_rows:
                 res["kernels_ms"] = kernel_times(jk, n_in)

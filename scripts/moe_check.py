@@ -343,18 +343,21 @@ def main():
     cands = fam.candidates(a.variant)
     s1s = [i for i in cands if i.stage == 1]
     s2s = [i for i in cands if i.stage == 2]
+    b128 = a.variant == "fp8b128"  # H and I multiples of 128 (its block scales): the odd-size cases at block sizes
     cases = [
         make_case("kimi-tp8 T=1", 1, 7168, 256, 384, 8, gen, variant=a.variant),
         make_case("kimi-tp8 T=37 skewed", 37, 7168, 256, 384, 8, gen, routing="skewed", variant=a.variant),
         make_case("qwen-like T=300 uneven", 300, 2048, 768, 64, 8, gen, routing="skewed", variant=a.variant),
         make_case("ep-mask T=1000", 1000, 1024, 512, 16, 4, gen, ep_mask=0.6, variant=a.variant),
         make_case("uniform T=2500", 2500, 1024, 384, 32, 2, gen, variant=a.variant),
-        # H % 32 == 16, I not a multiple of 256, 10 x 4 picks on 5 experts (groups over 8), repeated ids
-        make_case("odd dims T=10 repeated ids", 10, 1040, 48, 5, 4, gen, variant=a.variant),
-        make_case("top-1 T=3", 3, 512, 64, 4, 1, gen, variant=a.variant),
-        # 8200 experts: the GEMV units' fallbacks (offsets counted without a shared-memory histogram, the expert
-        # lookup in global memory)
-        make_case("8200 experts T=5", 5, 32, 16, 8200, 2, gen, variant=a.variant),
+        # H % 32 == 16 (fp8b128: H % 256 == 128), I not a multiple of 256, 10 x 4 picks on 5 experts (groups
+        # over 8), repeated ids
+        make_case("odd dims T=10 repeated ids", 10, 1152 if b128 else 1040, 128 if b128 else 48, 5, 4, gen,
+                  variant=a.variant),
+        make_case("top-1 T=3", 3, 512, 128 if b128 else 64, 4, 1, gen, variant=a.variant),
+        # 8200 experts: the fallbacks of the GEMV units (offsets counted without a shared-memory histogram, the
+        # expert lookup in global memory) and of the tiles' stage 1 (routing in four launches, not one block)
+        make_case("8200 experts T=5", 5, 128 if b128 else 32, 128 if b128 else 16, 8200, 2, gen, variant=a.variant),
     ]
     cases[-3]["ids"][:, 1] = cases[-3]["ids"][:, 0]  # a token routed twice to one expert
     if a.variant == "fp8b128":  # e4m3 hidden states with caller-given 1x128 scales (DeepSeek-style input)

@@ -24,12 +24,34 @@ from jitkiln.families.moe2stage.dsl_instances import MoEStage1Dsl, MoEStage2Dsl 
 from jitkiln.families.moe2stage.instances import MoEStage1, MoEStage2  # noqa: E402
 
 SHAPES = ((64, 256, 64), (64, 128, 64))  # (tile_m, tile_n, tile_k), ping-pong, one CTA per SM
-EXTRA = {
-    "bf16": [cls(dtype="bf16", tile_m=m, tile_n=n, tile_k=k, schedule="pingpong")
-             for cls in (MoEStage1, MoEStage2) for m, n, k in SHAPES],
-    "bf16-dsl": [cls(dtype="bf16", tile_m=m, tile_n=n, tile_k=k, schedule="pingpong")
-                 for cls in (MoEStage1Dsl, MoEStage2Dsl) for m, n, k in SHAPES],
+
+
+def _cpp(dtype, stage, m, n, k, schedule, cm=1):
+    return (MoEStage1 if stage == 1 else MoEStage2)(dtype=dtype, tile_m=m, tile_n=n, tile_k=k, schedule=schedule,
+                                                    cluster_m=cm)
+
+
+# Tile sets (TILE_TUNE_SET=<name>; default n256):
+#   n256: 64x256x64 and 64x128x64 ping-pong, C++ and DSL (bench/results/moe-tile-tune-h200.json).
+#   wide: tiles whose N divides 2 * inter_dim where 256 does not (small-moe: 2 * 192 = 384 = 2 x 192), the 128x128
+#         cooperative stage 1 that bf16 dropped, and fp8 64x256x128 ping-pong (bf16's DECODE_N256 for fp8) and
+#         128x192x128 cooperative.
+SETS = {
+    "n256": {
+        "bf16": [cls(dtype="bf16", tile_m=m, tile_n=n, tile_k=k, schedule="pingpong")
+                 for cls in (MoEStage1, MoEStage2) for m, n, k in SHAPES],
+        "bf16-dsl": [cls(dtype="bf16", tile_m=m, tile_n=n, tile_k=k, schedule="pingpong")
+                     for cls in (MoEStage1Dsl, MoEStage2Dsl) for m, n, k in SHAPES],
+    },
+    "wide": {
+        "bf16": [_cpp("bf16", 1, 128, 192, 64, "cooperative"), _cpp("bf16", 1, 128, 192, 64, "cooperative", 2),
+                 _cpp("bf16", 1, 128, 128, 64, "cooperative"), _cpp("bf16", 1, 64, 192, 64, "pingpong")],
+        "fp8": [_cpp("fp8", 1, 64, 256, 128, "pingpong"), _cpp("fp8", 2, 64, 256, 128, "pingpong"),
+                _cpp("fp8", 1, 128, 192, 128, "cooperative")],
+    },
 }
+SET = os.environ.get("TILE_TUNE_SET", "n256")
+EXTRA = SETS.get(SET, {})
 
 
 def patch() -> None:
@@ -41,6 +63,9 @@ def patch() -> None:
 
 
 def main(argv: list[str]) -> int:
+    if SET not in SETS:
+        print(f"tile_tune: TILE_TUNE_SET={SET!r} is not a tile set; use one of {', '.join(SETS)}", file=sys.stderr)
+        return 2
     if not argv or argv[0] not in ("build-dsl", "build-cpp", "check", "bench"):
         print("tile_tune: usage: tile_tune.py build-dsl [CACHE_DIR] | build-cpp [--jobs N] | check -- <moe_check.py "
               "arguments> | bench -- <moe_perf.py arguments>", file=sys.stderr)
@@ -59,8 +84,11 @@ def main(argv: list[str]) -> int:
         return moe_dsl_build.main(argv[1:])
     if argv[0] == "build-cpp":
         import moe_build
-        times = moe_build.build("bf16", jobs=jobs, verbose=True)[1]
-        return 1 if any("spills" in note or "C7510" in note for _, note in times.values()) else 0
+        bad = False
+        for v in [v for v in ("bf16", "fp8") if v == "bf16" or v in EXTRA]:
+            times = moe_build.build(v, jobs=jobs, verbose=True)[1]
+            bad = bad or any("spills" in note or "C7510" in note for _, note in times.values())
+        return 1 if bad else 0
     rest = argv[argv.index("--") + 1:] if "--" in argv else argv[1:]
     if argv[0] == "check":
         import moe_check

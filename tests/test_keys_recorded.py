@@ -3,6 +3,12 @@
 ``data/recorded_keys.json`` was written by the code before the compilers/fleet restructuring, with a fixed
 compiler fingerprint (the real one depends on the machine's compiler binaries): module keys, instance digests,
 unit keys and source digests of demo, moe2stage and ck2stages plans, and an entry key.
+
+The moe2stage entries were written again (same fingerprint, same plans) when the kernels' text changed on purpose:
+on 2026-11-30 every CUTLASS unit's stage-1 routing and GEMM setup became one launch (the shared setup and scan
+code changed stage 2's text too) and the tile sets moved (fp8's 64x256 tile, the 128x192 stage-1 tile), after the
+weight-stream units and the 64x256 tile had been added; the demo, ck2stages and entry-key records are still the
+pre-restructuring ones.
 """
 from __future__ import annotations
 
@@ -40,31 +46,8 @@ def test_demo_and_moe2stage_keys_unchanged(fixed_fp):
     for v in ("bf16", "fp8", "fp8b128"):
         got = dump(planmod.make_plan(moe, v, [sh.problem(t) for t in (1, 16, 64, 512, 4096)]))
         full = dump(planmod.make_plan(moe, v, [], full=True))
-        if v in ("bf16", "fp8"):  # they gained the weight-stream (GEMV) units: every CUTLASS unit is byte-identical
-            # bf16 no longer selects the 128x128 cooperative tile (the 64-row tiles serve up to 128 rows per expert)
-            # and gained the 64x256 ping-pong tile (new units, new names: no recorded key to keep)
-            dropped = {f"moe2stage_s{s}_bf16_128x128x64_cooperative_c1x1" for s in (1, 2)} if v == "bf16" else set()
-            added = {f"moe2stage_s{s}_bf16_64x256x64_pingpong_c1x1" for s in (1, 2)} if v == "bf16" else set()
-            assert_cutlass_units_unchanged(got, RECORDED[f"moe2stage/{v}/deepseek-v3-tp8"], added=added)
-            assert_cutlass_units_unchanged(full, RECORDED[f"moe2stage/{v}/full"], all_kept=True, dropped=dropped,
-                                           added=added)
-            continue
         assert got == RECORDED[f"moe2stage/{v}/deepseek-v3-tp8"], v
         assert full == RECORDED[f"moe2stage/{v}/full"], v
-
-
-def assert_cutlass_units_unchanged(got, rec, all_kept=False, dropped=frozenset(), added=frozenset()):
-    """Units other than the GEMV ones and the ``added`` tiles are recorded units, unchanged (name, digest, unit
-    key, source digest); ``all_kept``: every recorded unit but the ``dropped`` ones is still planned."""
-    recorded = {u[0]: u for u in rec["units"]}
-    assert not set(added) & set(recorded)
-    mine = [u for u in got["units"] if "_gemv_" not in u[0] and u[0] not in added]
-    assert len(mine) < len(got["units"])  # the weight-stream units were planned
-    for u in mine:
-        assert recorded.get(u[0]) == u, u[0]
-    if all_kept:
-        assert dropped <= set(recorded)
-        assert {u[0] for u in mine} == set(recorded) - set(dropped)
 
 
 def test_ck2stages_keys_unchanged(fixed_fp):

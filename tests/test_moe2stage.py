@@ -38,9 +38,10 @@ def test_candidates_unique_and_described(fam):
     for v in fam.variants():
         cands = fam.candidates(v)
         # bf16, fp8 and bf16-dsl also have the three weight-stream (GEMV) units (stage 1, stage 2 per token, stage 2
-        # grouped by expert); fp8b128 keeps the tiles only; bf16 (CUTLASS) trades the 128x128 cooperative tile for
-        # the 64x256 ping-pong one (both stages), bf16-dsl adds it for stage 2
-        assert len({c.digest for c in cands}) == len(cands) == {"fp8b128": 6, "bf16-dsl": 13}.get(v, 12)
+        # grouped by expert); fp8b128 keeps the tiles only; bf16 and fp8 (CUTLASS) trade the 128x128 cooperative tile
+        # for the 64x256 ping-pong one (both stages) and gain the 128x192 cooperative one for stage 1, where it
+        # replaces bf16's 128x256 (fp8 keeps both); bf16-dsl adds 64x256 for stage 2
+        assert len({c.digest for c in cands}) == len(cands) == {"fp8b128": 6, "bf16-dsl": 13, "fp8": 13}.get(v, 12)
         assert len({c.symbol for c in cands}) == len(cands)
         for c in cands:
             assert fam.rule(v, c)
@@ -139,18 +140,23 @@ def test_select_regimes(fam):
     assert fam.select("bf16-dsl", {**base, "tokens": 512})["stage1"].name.endswith("64x128x128_pingpong_c1x1_dsl")
     assert r(512) == {"stage1": "DECODE_N128", "stage2": "DECODE_N256"}  # 32 rows per expert
     assert r(1024) == {"stage1": "DECODE_N256", "stage2": "DECODE_N256"}  # 64: stage 1 past 40 rows is 256 wide
-    assert r(4096) == {"stage1": "DECODE_N256", "stage2": "LARGE"}  # 256 rows: stage 2 past 128 rows
-    assert r(16384)["stage1"] == "LARGE"  # 1024 rows: 128x256 again
+    assert r(4096) == {"stage1": "DECODE_N256", "stage2": "DECODE_N256"}  # 256 rows: 64x256 up to 512 rows
+    assert r(8192) == {"stage1": "DECODE_N256", "stage2": "DECODE_N256"}  # 512
+    assert r(16384) == {"stage1": "WIDE", "stage2": "LARGE"}  # 1024 rows: 128x192 (bf16 stage 1), 128x256
     assert heuristic.role(1, {**base, "tokens": 1024, "inter_dim": 192}) == "DECODE_N128"  # 2I = 384: no padding
     assert heuristic.role(2, {**base, "tokens": 64, "experts": 8, "topk": 2}) == "DECODE_N128"  # a few-tile grid
-    assert "fp8" not in [i.dtype for i in fam.candidates("fp8") if i.name.find("64x256x64") >= 0]  # bf16 only
+    # fp8 has the same regimes (its K tile 128: the same bytes per stage), but keeps LARGE for stage 1 where
+    # 2 * inter_dim is a multiple of 256 and takes WIDE where the 256-wide tile would pad
+    assert d(4096) == {"stage1": "DECODE_N256", "stage2": "DECODE_N256"}
+    assert fam.select("fp8", {**base, "tokens": 4096})["stage1"].name == "moe2stage_s1_fp8_64x256x128_pingpong_c1x1"
+    assert d(16384) == {"stage1": "LARGE", "stage2": "LARGE"} and d(16384, inter_dim=192)["stage1"] == "WIDE"
+    assert "multiple of 256" in fam.rule("fp8", fam.select("fp8", {**base, "tokens": 16384})["stage1"])
     ds = lambda t: {k: heuristic.role_of(i) for k, i in fam.select("bf16-dsl", {**base, "tokens": t}).items()}  # noqa
     assert ds(512) == {"stage1": "DECODE_N128", "stage2": "DECODE_N256"}  # the DSL tiles: 32 rows, then MEDIUM
     assert ds(1024) == {"stage1": "MEDIUM", "stage2": "MEDIUM"}
     assert "rows per expert <= 32" in fam.rule("bf16-dsl", fam.select("bf16-dsl", {**base, "tokens": 512})["stage1"])
     assert "rows per expert <= 128" in fam.rule("bf16", fam.select("bf16", {**base, "tokens": 512})["stage1"])
     assert "40 < rows per active expert <= 512" in fam.rule("bf16", fam.select("bf16", {**base, "tokens": 4096})["stage1"])
-    assert r(16384) == {"stage1": "LARGE", "stage2": "LARGE"}
     assert r(16384, inter_dim=256)["stage2"] == "SMALL_K"
     assert r(1, inter_dim=256)["stage2"] == "GEMV"  # decode stays a weight stream
     # small stage-2 weights at a few rows per expert: stage 2 grouped by expert (small-moe, Mixtral-style)
@@ -158,6 +164,12 @@ def test_select_regimes(fam):
     s = lambda t, **kw: {k: heuristic.role_of(i) for k, i in fam.select("bf16", {**small, "tokens": t, **kw}).items()}  # noqa
     assert s(64)["stage2"] == "GEMV_GROUPED" and s(128)["stage2"] == "GEMV_GROUPED"
     assert s(16)["stage2"] == "GEMV" and s(1024)["stage2"] != "GEMV_GROUPED"  # per token below; tiles above
+    assert s(32)["stage2"] == "GEMV_GROUPED"  # 2.3 rows per active expert: grouped (per token up to 2.0)
+    assert s(8, hidden=4096, inter_dim=1792, experts=8, topk=2)["stage2"] == "GEMV_GROUPED"  # Mixtral: 2.3 rows
+    assert s(4, hidden=4096, inter_dim=1792, experts=8, topk=2)["stage2"] == "GEMV"  # 1.5 rows: per token
+    # stage 1's weight stream up to 1.6 rows per active expert where the tile's K loop is short (hidden 2048) ...
+    assert s(16, inter_dim=768)["stage1"] == "GEMV" and s(32, inter_dim=768)["stage1"].startswith("DECODE")
+    assert r(8)["stage1"].startswith("DECODE")  # ... not with hidden 4096 (1.27 rows)
     assert r(64)["stage2"] != "GEMV_GROUPED"  # Qwen3-235B's W2 (1.6 GB) streams faster through the tiles
     assert s(16, hidden=4096, inter_dim=1792, experts=8, topk=2)["stage2"] == "GEMV_GROUPED"  # Mixtral tp8
     g = fam.select("fp8", {**small, "tokens": 64})["stage2"]
@@ -202,6 +214,12 @@ def test_render_c_abi_no_torch(fam):
                 assert f'"tile_m": {inst.tile_m}' in src and f'"tile_n": {inst.tile_n}' in src
             else:
                 assert f"Shape<_{inst.tile_m}, _{inst.tile_n}, _{inst.tile_k}>" in src
+                # stage 1: routing and the GEMM's setup in one block while the counts fit in shared memory and the
+                # pairs are few; else memset, count, scan and setup launches (E > 8192 or n > 16384)
+                one = ("const bool one = E <= kRouteE && n <= kRouteN;" in src
+                       and "route_groups<<<1, 1024, 0, stream>>>" in src and "count_rows<<<" in src
+                       and "if (!one)\n    setup_groups<<<" in src)
+                assert one == (inst.stage == 1), inst.name
 
 
 def test_compile_spec(fam):

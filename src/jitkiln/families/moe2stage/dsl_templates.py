@@ -3,8 +3,8 @@ the ``cutedsl`` compiler (:mod:`jitkiln.compilers.cutedsl`: a JSON header line, 
 
 Same C ABI as the CUTLASS units (:mod:`.templates`: stage 1 and stage 2 launchers, workspace protocol, error
 codes, no host synchronisation); bf16 only. The routing kernels are the CUTLASS units' own text
-(:data:`.templates.COUNT_SCAN`); gather, activation and combine are their bf16 forms; all compiled by nvcc
-without CUTLASS (``glue.cu``); ``tile_offsets`` numbers each expert's M tiles for
+(:data:`.templates.BLOCK_SCAN`, :data:`.templates.COUNT_SCAN`); gather, activation and combine are their bf16
+forms; all compiled by nvcc without CUTLASS (``glue.cu``); ``tile_offsets`` numbers each expert's M tiles for
 the DSL kernel (padded to the cluster's M size). ``bridge.c`` calls the exported DSL kernel through the header
 ``export_to_c`` writes (the module is loaded once per process, on first use).
 """
@@ -14,7 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .templates import COUNT_SCAN, STAGE1_SIGNATURE, STAGE2_SIGNATURE
+from .templates import BLOCK_SCAN, COUNT_SCAN, STAGE1_SIGNATURE, STAGE2_SIGNATURE
 
 KERNEL_MODULE = "jitkiln.families.moe2stage.dsl_gemm"
 KERNEL_FILE = Path(__file__).with_name("dsl_gemm.py")
@@ -44,88 +44,24 @@ struct Bump {
     return p;
   }
 };
-// tile_off[e] = sum over experts j < e of kClusterM * ceil(ceil(M_j / kTileM) / kClusterM), one block of 1024
-__global__ void tile_offsets(const int32_t* __restrict__ offsets, int E, int32_t* __restrict__ tile_off) {
-  __shared__ int32_t part[1024];
-  int tid = threadIdx.x;
-  int per = (E + 1023) / 1024;
-  int lo = tid * per, hi = min(E, lo + per);
-  int s = 0;
-  for (int e = lo; e < hi; ++e) {
-    int m = offsets[e + 1] - offsets[e];
-    int t = (m + kTileM - 1) / kTileM;
-    s += (t + kClusterM - 1) / kClusterM * kClusterM;
-  }
-  part[tid] = s;
-  __syncthreads();
-  for (int d = 1; d < 1024; d <<= 1) {
-    int v = tid >= d ? part[tid - d] : 0;
-    __syncthreads();
-    part[tid] += v;
-    __syncthreads();
-  }
-  int run = part[tid] - s;
-  for (int e = lo; e < hi; ++e) {
-    tile_off[e] = run;
-    int m = offsets[e + 1] - offsets[e];
-    int t = (m + kTileM - 1) / kTileM;
-    run += (t + kClusterM - 1) / kClusterM * kClusterM;
-  }
-  if (tid == 1023) tile_off[E] = part[1023];
-}
-
-// Exclusive scan of one value per thread over a block of 1024: (this thread's prefix, the block's total).
-__device__ __forceinline__ int2 block_scan(int v, int32_t* part) {
-  const int tid = threadIdx.x;
-  __syncthreads();  // part may still be read by an earlier scan
-  part[tid] = v;
-  __syncthreads();
-  for (int d = 1; d < 1024; d <<= 1) {
-    int u = tid >= d ? part[tid - d] : 0;
-    __syncthreads();
-    part[tid] += u;
-    __syncthreads();
-  }
-  return make_int2(part[tid] - v, part[1023]);
-}
-__device__ __forceinline__ int padded_tiles(int m) {
+""" + BLOCK_SCAN + r"""__device__ __forceinline__ int padded_tiles(int m) {
   return ((m + kTileM - 1) / kTileM + kClusterM - 1) / kClusterM * kClusterM;
 }
 
-// Stage 1's routing in one launch while the counts fit in shared memory (E <= kRouteE) and a block's pass over
-// the pairs is short (n <= kRouteN): each (t, k) pair's rank inside its expert (shared-memory atomics),
-// offsets (the rows' exclusive scan) and tile_off (the padded M tiles' scan) -- what the memset, count_rows,
-// scan_counts and tile_offsets launches do otherwise. One block of 1024.
-constexpr int kRouteE = 8192;
-constexpr int kRouteN = 16384;
-__global__ void __launch_bounds__(1024) route_tiles(const int32_t* __restrict__ ids, int n, int E,
-                                                    int32_t* __restrict__ rank, int32_t* __restrict__ offsets,
-                                                    int32_t* __restrict__ tile_off) {
-  __shared__ int32_t cnt[kRouteE];
+// tile_off[e] = sum over experts j < e of padded_tiles(M_j) (the counts in offsets), one block of 1024
+__global__ void __launch_bounds__(1024) tile_offsets(const int32_t* __restrict__ offsets, int E,
+                                                     int32_t* __restrict__ tile_off) {
   __shared__ int32_t part[1024];
-  const int tid = threadIdx.x;
-  for (int e = tid; e < E; e += 1024) cnt[e] = 0;
-  __syncthreads();
-  for (int i = tid; i < n; i += 1024) {
-    int e = ids[i];
-    rank[i] = (e >= 0 && e < E) ? atomicAdd(&cnt[e], 1) : -1;
-  }
-  __syncthreads();
   const int per = (E + 1023) / 1024;
-  const int lo = min(E, tid * per), hi = min(E, lo + per);
-  int rows = 0, tiles = 0;
-  for (int e = lo; e < hi; ++e) { rows += cnt[e]; tiles += padded_tiles(cnt[e]); }
-  const int2 r = block_scan(rows, part);
-  const int2 t = block_scan(tiles, part);
-  int run = r.x, runt = t.x;
-  for (int e = lo; e < hi; ++e) {
-    offsets[e] = run;
-    tile_off[e] = runt;
-    run += cnt[e];
-    runt += padded_tiles(cnt[e]);
-  }
-  if (tid == 0) { offsets[E] = r.y; tile_off[E] = t.y; }
+  const int lo = min(E, int(threadIdx.x) * per), hi = min(E, lo + per);
+  int s = 0;
+  for (int e = lo; e < hi; ++e) s += padded_tiles(offsets[e + 1] - offsets[e]);
+  const int2 t = block_scan(s, part);
+  int run = t.x;
+  for (int e = lo; e < hi; ++e) { tile_off[e] = run; run += padded_tiles(offsets[e + 1] - offsets[e]); }
+  if (threadIdx.x == 0) tile_off[E] = t.y;
 }
+
 }  // namespace
 extern "C" int @@prefix@@_gemm(const void* A, const void* B, void* D, const int32_t* offsets, const int32_t* tile_off,
                               int rows, int N, int K, int E, void* stream);
@@ -134,7 +70,25 @@ extern "C" __attribute__((visibility("default"))) const char* jk_name_@@digest16
 
 _STAGE1 = r"""
 namespace {
-""" + COUNT_SCAN + r"""__global__ void gather_rows(const __nv_bfloat16* __restrict__ x, const int32_t* __restrict__ ids,
+""" + COUNT_SCAN + r"""
+// Stage 1's routing (route_block) and tile_off from its counts in one launch of one block of 1024 -- what the
+// memset, count_rows, scan_counts and tile_offsets launches do otherwise.
+__global__ void __launch_bounds__(1024) route_tiles(const int32_t* __restrict__ ids, int n, int E,
+                                                    int32_t* __restrict__ rank, int32_t* __restrict__ offsets,
+                                                    int32_t* __restrict__ tile_off) {
+  __shared__ int32_t cnt[kRouteE];
+  __shared__ int32_t part[1024];
+  route_block(ids, n, E, rank, offsets, cnt, part);
+  const int per = (E + 1023) / 1024;
+  const int lo = min(E, int(threadIdx.x) * per), hi = min(E, lo + per);
+  int s = 0;
+  for (int e = lo; e < hi; ++e) s += padded_tiles(cnt[e]);
+  const int2 t = block_scan(s, part);
+  int run = t.x;
+  for (int e = lo; e < hi; ++e) { tile_off[e] = run; run += padded_tiles(cnt[e]); }
+  if (threadIdx.x == 0) tile_off[E] = t.y;
+}
+__global__ void gather_rows(const __nv_bfloat16* __restrict__ x, const int32_t* __restrict__ ids,
                             const float* __restrict__ topk_w, const int32_t* __restrict__ rank,
                             const int32_t* __restrict__ offsets, int topk, int H, int32_t* __restrict__ sorted_pos,
                             float* __restrict__ w_sorted, __nv_bfloat16* __restrict__ xs) {

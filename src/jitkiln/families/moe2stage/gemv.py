@@ -1,8 +1,9 @@
 """moe2stage's weight-stream ("GEMV") instances: decode and small batches, where a GEMM tile is mostly padding.
 
 At decode a token's top-k experts each see one or two rows, so the grouped GEMM's 64-row wgmma tiles are >95 %
-padding and the time is the weight stream plus launches: the CUTLASS path pays routing (count, scan), gather,
-setup, GEMM, activation, setup, GEMM and combine -- eight launches -- and reads weights through few large tiles.
+padding and the time is the weight stream plus launches: the CUTLASS path pays routing with setup, gather, GEMM,
+activation, setup, GEMM and combine -- five launches besides the GEMMs (eight when these units were measured against
+it: routing was count and scan, setup its own launch) -- and reads weights through few large tiles.
 These two units do the same two stages in one launch each, with the same C ABI and the same outputs, so either
 may pair with the other stage's CUTLASS unit:
 

@@ -21,23 +21,37 @@ Tiles (M x N x K; schedule; cluster) and why each exists:
     of each stage timed with the other stage fixed) it is faster than 64x64 in every cell with m >= 4 (by
     3-15 %), than the 128x128 cooperative tile in every cell up to m = 128 but one (small-moe at m = 64: 0.2 %
     slower), and than 128x256 up to m = 128 except Mixtral at m = 128 (3 % slower); so bf16 does not use
-    ``MEDIUM``. fp8 and the CuTe DSL tiles keep ``DECODE_ROWS_OTHER`` = 32 (the DSL's 64x128 tile measured 7-18 %
-    slower than its 128x128 at m = 64; fp8 not re-measured).
-``DECODE_N256`` 64x256x64 ping-pong (bf16) -- half as many tiles as 64x128 for the same weights: fewer tile switches
-    (each a TMA descriptor update in the ptr-array kernel) and a wider B stream per CTA. Measured on the H200
-    (``scripts/tile_tune.py``; bench/results/moe-tile-tune-h200.json, 6 shapes x 8-16384 tokens): stage 1 is
-    8-13 % faster than 64x128 and 128x256 from ~43 to ~340 rows per expert (Qwen3-235B at 2048 tokens 1.68 against
-    1.92 ms; Kimi-K2 ep8 at 16384 tokens 3.02 against 3.48 with 128x256), even or slower below ~40 rows and above
-    ~1000 (128x256 wins there), and 4 % slower where 2 * inter_dim = 384 pads a 256-wide tile; stage 2 (N = hidden)
-    is up to 5 % faster than 64x128 wherever its grid has more tiles than SMs (Kimi-K2 tp8 at 128-512 tokens), and
-    slower on few-expert grids (Mixtral at 16-64 tokens). Stage 2 keeps SMALL_K (inter_dim <= 256, above 48 rows:
-    Kimi-K2 tp8 at 4096-16384 tokens 1.72 / 4.81 ms against 1.86 / 4.93) and LARGE above 128 rows (Qwen3-235B at
-    4096 tokens 3.00 against 3.09). The CuTe DSL variant takes it for stage 2 in its decode range.
-``MEDIUM``      128x128x64 cooperative -- fp8 and the DSL tiles, 32 < m <= 128 rows per expert: one M tile covers
+    ``MEDIUM``. fp8 likewise (bench/results/moe-tile-wide-h200.json: its 64-row tiles beat its 128x128
+    cooperative one at 64-85 rows per expert on Qwen3-30B and Kimi-K2 tp8). The CuTe DSL tiles keep
+    ``DECODE_ROWS_OTHER`` = 32 (the DSL's 64x128 tile measured 7-18 % slower than its 128x128 at m = 64).
+``DECODE_N256`` 64x256x64 ping-pong (bf16; fp8: 64x256x128, the same bytes per stage) -- half as many tiles as
+    64x128 for the same weights: fewer tile switches (each a TMA descriptor update in the ptr-array kernel) and a
+    wider B stream per CTA. Measured on the H200 (``scripts/tile_tune.py``; bench/results/moe-tile-tune-h200.json, 6
+    shapes x 8-16384 tokens): stage 1 is 8-13 % faster than 64x128 and 128x256 from ~43 to ~340 rows per expert
+    (Qwen3-235B at 2048 tokens 1.68 against 1.92 ms; Kimi-K2 ep8 at 16384 tokens 3.02 against 3.48 with 128x256),
+    even or slower below ~40 rows and above ~1000 (128x256 wins there), and 4 % slower where 2 * inter_dim = 384
+    pads a 256-wide tile; stage 2 (N = hidden) is up to 5 % faster than 64x128 wherever its grid has more tiles than
+    SMs (Kimi-K2 tp8 at 128-512 tokens), and slower on few-expert grids (Mixtral at 16-64 tokens). Stage 2 keeps
+    SMALL_K (inter_dim <= 256, above 48 rows: Kimi-K2 tp8 at 4096-16384 tokens 1.72 / 4.81 ms against 1.86 / 4.93)
+    and keeps the 64x256 tile up to ``N256_MAX_S2`` = 512 rows (bench/results/moe-tile-wide-h200.json: Qwen3-30B at
+    256 rows 0.742 against 0.807 ms for LARGE, Mixtral at 256 rows 0.213 against 0.229; Kimi-K2 ep8 at 341 rows
+    even; Qwen3-235B at 256 rows 3 % slower), then LARGE. fp8's 64x256x128 tile (same rules; same file): stage 1 3-9
+    % faster than fp8's LARGE / MEDIUM from 64 to 1024 rows on Qwen3-30B, Mixtral and Kimi-K2 tp8, stage 2 8-11 %
+    faster than 64x128 at 5-21 rows on Kimi-K2 tp8 and small-moe. The CuTe DSL variant takes it for stage 2 in its
+    decode range.
+``WIDE``        128x192x64 cooperative (fp8: 128x192x128) -- stage 1 past the 64-row tiles' range, in LARGE's place for
+    bf16 and for fp8 where 2 * inter_dim is not a multiple of 256. Measured (bench/results/moe-tile-wide-h200.json,
+    every tile of each stage timed with the other stage fixed): bf16 7-9 % faster than 128x256 (cluster 2x1) on
+    small-moe (2 * inter_dim = 384 = 2 x 192, where 256 pads) at 256-1024 rows and on Qwen3-30B at 1024 rows, 3 %
+    on Mixtral at 1024 rows and 3 % faster than 64x256 on Kimi-K2 tp8 at 341 rows; 4 % slower on Mixtral at 4096
+    rows (its one loss). fp8: 5-6 % faster on small-moe, 1-4 % slower where 256 divides 2 * inter_dim (LARGE stays
+    there). Five smem stages (40 KB each) against LARGE's four, no cluster.
+``MEDIUM``      128x128x64 cooperative -- the DSL tiles, 32 < m <= 128 rows per expert: one M tile covers
     an expert's rows, two consumer warpgroups split it (64 rows each) so the tensor cores see 128-row work, and
     each weight tile is still read only once or twice.
-``LARGE``       128x256x64 cooperative, cluster 2x1 -- m > 128 (prefill, big batches; bf16 stage 1: above 512 where
-    the 64x256 tile applies, i.e. 2 * inter_dim a multiple of 256): compute bound; the
+``LARGE``       128x256x64 cooperative, cluster 2x1 -- m > 128 (prefill, big batches; bf16 and fp8 stage 2: above
+    512 where the 64x256 tile serves; stage 1: fp8 where 2 * inter_dim is a multiple of 256, above 512 rows;
+    bf16 takes WIDE): compute bound; the
     largest tile CUTLASS's cooperative sm90 kernel keeps in registers gives the best wgmma efficiency, and
     the 2x1 cluster multicasts each weight (B) tile to the two CTAs of neighbouring M tiles, halving weight
     traffic from L2.
@@ -54,14 +68,19 @@ Tiles (M x N x K; schedule; cluster) and why each exists:
 
 ``GEMV`` (bf16 and per-tensor fp8, both stages; :mod:`.gemv`) -- the weight-stream units, one launch per stage with routing and
     combine inside, for decode: an active expert sees about one row, so every tile above is mostly padding and
-    the CUTLASS path pays eight launches around a weight stream. Measured on the H200 against the tiles, stage by
-    stage, on six shapes at 1-128 tokens (bench/results/moe-sweep-gemv-h200.json), with m = expected rows per
-    *active* expert:
-    stage 1 while m <= ``GEMV_ROWS_S1`` (1.15), or m <= ``GEMV_ROWS_FEW`` (4.5) while the 64x128 tile grid would be
-    small (active experts x 2I/128 <= ``FEW_TILES``: few large experts, e.g. Mixtral, or a small hidden size);
+    the CUTLASS path pays five launches around a weight stream (eight when measured). Measured on the H200
+    against the tiles, stage by stage, on six shapes at 1-128 tokens (bench/results/moe-sweep-gemv-h200.json),
+    with m = expected rows per *active* expert:
+    stage 1 while m <= ``GEMV_ROWS_S1`` (1.2; Kimi-K2 at 16 tokens, m = 1.17: the unit 1-3 % faster), or m <=
+    ``GEMV_ROWS_S1_SHORT`` (1.6) while the tile's K loop is short (hidden <= ``SHORT_HIDDEN`` = 2048: 16 k-tiles of
+    128; Qwen3-30B at m = 1.27 / 1.58: 5 / 1-4 % faster, where Qwen3-235B with hidden 4096 is 0-4 % slower), or
+    m <= ``GEMV_ROWS_FEW`` (4.5) while the 64x128 tile grid would be small (active experts x 2I/128 <=
+    ``FEW_TILES``: few large experts, e.g. Mixtral, or a small hidden size);
     stage 2 while m <= ``GEMV_ROWS_S2`` (1.5; its weights are re-read per token, the extra reads mostly from L2),
-    or m <= ``GEMV_ROWS_S2_SHORT`` (2.5) while the tile GEMM is short (inter_dim <= 256: at most two 128-deep
-    k-tiles) or its grid small (active experts x H/128 <= ``FEW_TILES``).
+    or m <= ``GEMV_ROWS_S2_SHORT`` (2.0) while the tile GEMM is short (inter_dim <= 256: at most two 128-deep
+    k-tiles) or its grid small (active experts x H/128 <= ``FEW_TILES``); from m ~ 2.2 (small-moe at 32 tokens,
+    Mixtral at 8) the grouped unit below is 4-6 % faster (bench/results/moe-sweep-mid-h200.json,
+    moe-tile-tune-h200.json).
     The GEMV stage 1 writes the same sorted rows, offsets and positions as the CUTLASS one, so either stage 1
     pairs with either stage 2. fp8 (e4m3 weights, per-expert scales) uses the same units with e4m3 MMAs (stage 1
     quantizes x with the static a_scale as the CUTLASS gather does) and the same thresholds. The CuTe DSL variant
@@ -107,21 +126,25 @@ SMALL_INTER_DIM = 256
 """Stage 2 uses the SMALL_K tile when inter_dim <= this (upstream CK's threshold too)."""
 
 DECODE_ROWS = 128
-"""bf16 (CUTLASS): the 64-row ping-pong tiles up to this many rows per expert (then LARGE; MEDIUM is not used)."""
+"""bf16 and fp8 (CUTLASS): the 64-row ping-pong tiles up to this many rows per expert (then WIDE / LARGE; MEDIUM is
+not used)."""
 DECODE_ROWS_OTHER = 32
-"""fp8, the CuTe DSL tiles and fp8b128: measured with 32 (the DSL's 64x128 tile at 64 rows is 7-18 % slower than
-its 128x128 one); not re-measured for fp8."""
+"""The CuTe DSL tiles and fp8b128: measured with 32 (the DSL's 64x128 tile at 64 rows is 7-18 % slower than its
+128x128 one)."""
 SMALL_K_ROWS = 48
 """bf16 (CUTLASS) stage 2 with inter_dim <= SMALL_INTER_DIM takes SMALL_K above this many rows per expert."""
 MEDIUM_ROWS = 128
 SM_COUNT = 132  # H100 SXM; only used to judge "enough tiles", not a correctness input
-GEMV_ROWS_S1 = 1.15
+GEMV_ROWS_S1 = 1.2
 """Stage 1 is the GEMV unit while the expected rows per active expert are <= this (bf16, fp8) ..."""
+GEMV_ROWS_S1_SHORT = 1.6
+"""... or <= this while the tile's K loop is short (hidden <= SHORT_HIDDEN) ..."""
+SHORT_HIDDEN = 2048
 GEMV_ROWS_FEW = 4.5
 """... or <= this while the stage's tile grid is small (<= FEW_TILES tiles)."""
 GEMV_ROWS_S2 = 1.5
 """Stage 2 is the GEMV unit while the expected rows per active expert are <= this (bf16, fp8) ..."""
-GEMV_ROWS_S2_SHORT = 2.5
+GEMV_ROWS_S2_SHORT = 2.0
 """... or <= this while the tile GEMM is short (inter_dim <= SMALL_INTER_DIM) or its grid small."""
 FEW_TILES = 3 * SM_COUNT
 GROUPED_ROWS = 10
@@ -154,21 +177,24 @@ def tiles(dtype: str) -> dict[str, dict[str, Any]]:
                       cluster_m=2, cluster_n=1),
         "SMALL_K": dict(tile_m=128, tile_n=128, tile_k=_k(dtype, 64), schedule="pingpong"),
     }
-    if dtype == "bf16":  # measured for bf16 only (fp8 would take K = 128: not built, not measured)
-        out["DECODE_N256"] = dict(tile_m=64, tile_n=256, tile_k=64, schedule="pingpong")
+    out["DECODE_N256"] = dict(tile_m=64, tile_n=256, tile_k=_k(dtype, 64), schedule="pingpong")
+    out["WIDE"] = dict(tile_m=128, tile_n=192, tile_k=_k(dtype, 64), schedule="cooperative")
     return out
 
 
-STAGE1_ROLES = ("DECODE_N64", "DECODE_N128", "DECODE_N256", "MEDIUM", "LARGE")
+STAGE1_ROLES = ("DECODE_N64", "DECODE_N128", "DECODE_N256", "MEDIUM", "WIDE", "LARGE")
 STAGE2_ROLES = ("DECODE_N64", "DECODE_N128", "DECODE_N256", "MEDIUM", "LARGE", "SMALL_K")
 N256_ROWS_S1 = 40
 """bf16 stage 1 takes the 64x256 tile above this many rows per expert ..."""
 N256_MAX_S1 = 512
-"""... up to this many (then LARGE), and only where 2 * inter_dim is a multiple of 256 (no padded columns)."""
+"""... up to this many (then WIDE / LARGE), and only where 2 * inter_dim is a multiple of 256 (no padded columns)."""
+N256_MAX_S2 = 512
+"""bf16 and fp8 stage 2 (inter_dim > SMALL_INTER_DIM) keep the 64x256 tile past the decode range up to this many
+rows per expert (then LARGE)."""
 
 
 def use_n256(stage: int, p: Mapping[str, Any], dsl: bool = False) -> bool:
-    """Whether a bf16 64-row tile is 256 wide (see the module docstring for the measurements)."""
+    """Whether a 64-row tile (bf16, fp8) is 256 wide (see the module docstring for the measurements)."""
     m = rows_per_active_expert(p)
     if stage == 1:
         return not dsl and N256_ROWS_S1 < m <= N256_MAX_S1 and (2 * p["inter_dim"]) % 256 == 0
@@ -180,16 +206,26 @@ def roles(stage: int, dtype: str, dsl: bool = False) -> list[str]:
     """The tile roles ``select`` can return for ``stage`` of ``dtype`` (with the DSL tiles' thresholds)."""
     t = tiles(dtype)
     out = [r for r in (STAGE1_ROLES if stage == 1 else STAGE2_ROLES) if r in t]
-    if decode_rows(dtype, dsl) >= MEDIUM_ROWS:  # bf16 (CUTLASS): the 64-row tiles serve up to MEDIUM_ROWS
+    if decode_rows(dtype, dsl) >= MEDIUM_ROWS:  # bf16, fp8 (CUTLASS): the 64-row tiles serve up to MEDIUM_ROWS
         out.remove("MEDIUM")
     if dsl and stage == 1 and "DECODE_N256" in out:
         out.remove("DECODE_N256")
+    if "WIDE" in out and dsl:  # no DSL tile of 128x192
+        out.remove("WIDE")
+    if dtype == "bf16" and stage == 1 and not dsl:  # WIDE replaces LARGE for bf16's stage 1
+        out.remove("LARGE")
     return out
+
+
+def wide(p: Mapping[str, Any], dtype: str) -> bool:
+    """Whether stage 1 past the 64-row tiles takes WIDE (128x192) rather than LARGE (128x256, cluster 2x1): bf16
+    always, fp8 where 2 * inter_dim is not a multiple of 256 (see the module docstring)."""
+    return dtype == "bf16" or (dtype == "fp8" and (2 * p["inter_dim"]) % 256 != 0)
 
 
 def decode_rows(dtype: str, dsl: bool = False) -> int:
     """Rows per expert up to which the 64-row ping-pong tiles serve (see DECODE_ROWS, DECODE_ROWS_OTHER)."""
-    return DECODE_ROWS if dtype == "bf16" and not dsl else DECODE_ROWS_OTHER
+    return DECODE_ROWS if dtype in GEMV_DTYPES and not dsl else DECODE_ROWS_OTHER
 
 
 def candidates(dtype: str, gemv: bool = True, dsl: bool = False) -> list:
@@ -225,7 +261,8 @@ def use_gemv(stage: int, p: Mapping[str, Any]) -> bool:
     n = 2 * p["inter_dim"] if stage == 1 else p["hidden"]
     few = active_experts(p) * math.ceil(n / 128) <= FEW_TILES
     if stage == 1:
-        return m <= GEMV_ROWS_S1 or (few and m <= GEMV_ROWS_FEW)
+        return (m <= GEMV_ROWS_S1 or (p["hidden"] <= SHORT_HIDDEN and m <= GEMV_ROWS_S1_SHORT)
+                or (few and m <= GEMV_ROWS_FEW))
     return m <= GEMV_ROWS_S2 or ((few or p["inter_dim"] <= SMALL_INTER_DIM) and m <= GEMV_ROWS_S2_SHORT)
 
 
@@ -246,19 +283,22 @@ def role(stage: int, p: Mapping[str, Any], dtype: str = "bf16", gemv: bool = Tru
             return "DECODE_N128"
         return "MEDIUM" if m <= MEDIUM_ROWS else "LARGE"
     dr = decode_rows(dtype, dsl)
-    if dtype == "bf16" and stage == 1 and use_n256(1, p, dsl):  # past the decode range too (up to N256_MAX_S1)
+    n256 = "DECODE_N256" in roles(stage, dtype, dsl)
+    if n256 and stage == 1 and use_n256(1, p, dsl):  # past the decode range too (up to N256_MAX_S1)
         return "DECODE_N256"
     if stage == 2 and p["inter_dim"] <= SMALL_INTER_DIM and m > min(dr, SMALL_K_ROWS):
         return "SMALL_K"
     if m <= dr:
-        if dtype == "bf16" and use_n256(stage, p, dsl):
+        if n256 and use_n256(stage, p, dsl):
             return "DECODE_N256"
         n = 2 * p["inter_dim"] if stage == 1 else p["hidden"]
         tiles128 = active_experts(p) * math.ceil(n / 128)
         return "DECODE_N128" if tiles128 > SM_COUNT // 2 else "DECODE_N64"
+    if n256 and not dsl and stage == 2 and m <= N256_MAX_S2 and use_n256(2, p):
+        return "DECODE_N256"
     if m <= MEDIUM_ROWS:
         return "MEDIUM"
-    return "LARGE"
+    return "WIDE" if stage == 1 and "WIDE" in roles(1, dtype, dsl) and wide(p, dtype) else "LARGE"
 
 
 def select(dtype: str, p: Mapping[str, Any], gemv: bool = True, dsl: bool = False) -> dict:
@@ -274,13 +314,17 @@ def select(dtype: str, p: Mapping[str, Any], gemv: bool = True, dsl: bool = Fals
 def rules(dr: int) -> dict[str, str]:
     """The tile roles' rules with the 64-row tiles serving up to ``dr`` rows per expert."""
     return {
-        "DECODE_N256": ("bf16; stage 1: %d < rows per active expert <= %d with 2 * inter_dim a multiple of 256; "
+        "DECODE_N256": ("stage 1: %d < rows per active expert <= %d with 2 * inter_dim a multiple of 256; "
                         "stage 2: rows per expert <= %d and more than %d tiles of 64x256"
-                        % (N256_ROWS_S1, N256_MAX_S1, dr, SM_COUNT)),
+                        % (N256_ROWS_S1, N256_MAX_S1, dr if dr < DECODE_ROWS else N256_MAX_S2, SM_COUNT)),
         "DECODE_N64": "rows per expert <= %d and at most %d output tiles of N=128" % (dr, SM_COUNT // 2),
         "DECODE_N128": "rows per expert <= %d and more than %d output tiles of N=128" % (dr, SM_COUNT // 2),
         "MEDIUM": "%d < rows per expert <= %d" % (dr, MEDIUM_ROWS),
-        "LARGE": "rows per expert > %d" % max(dr, MEDIUM_ROWS),
+        "LARGE": ("rows per expert > %d" % max(dr, MEDIUM_ROWS) if dr < DECODE_ROWS else
+                  "rows per expert > %d where the 64x256 tile does not serve (above %d rows, or at most %d tiles of "
+                  "it)" % (dr, N256_MAX_S2, SM_COUNT)),
+        "WIDE": ("stage 1 with rows per expert > %d (past the 256-wide tile's range): bf16; fp8 where 2 * inter_dim "
+                 "is not a multiple of 256" % max(dr, MEDIUM_ROWS)),
         "SMALL_K": "stage 2 with inter_dim <= %d and rows per expert > %d" % (SMALL_INTER_DIM, min(dr, SMALL_K_ROWS)),
     }
 
@@ -312,8 +356,8 @@ def rule(inst) -> str:
                 f"(small stage-2 weights: the tile path's launches cost more than its stream)")
     if r == "GEMV":
         if inst.stage == 1:
-            when = (f"<= {GEMV_ROWS_S1:g} expected rows per active expert, or <= {GEMV_ROWS_FEW:g} with at most "
-                    f"{FEW_TILES} tiles of 64x128")
+            when = (f"<= {GEMV_ROWS_S1:g} expected rows per active expert, or <= {GEMV_ROWS_S1_SHORT:g} with hidden "
+                    f"<= {SHORT_HIDDEN}, or <= {GEMV_ROWS_FEW:g} with at most {FEW_TILES} tiles of 64x128")
         else:
             when = (f"<= {GEMV_ROWS_S2:g} expected rows per active expert, or <= {GEMV_ROWS_S2_SHORT:g} with "
                     f"inter_dim <= {SMALL_INTER_DIM} or at most {FEW_TILES} output tiles")
@@ -326,7 +370,10 @@ def rule(inst) -> str:
         elif inst.stage == 1 and r == "DECODE_N128":
             text = "rows per expert <= %d" % DECODE_ROWS_OTHER
         return f"stage {inst.stage}, {r}: {text}"
-    text = rules(decode_rows(inst.dtype, getattr(inst, "backend", "") == "dsl"))[r]
+    dsl = getattr(inst, "backend", "") == "dsl"
+    text = rules(decode_rows(inst.dtype, dsl))[r]
     if inst.stage == 2 and r in ("MEDIUM", "LARGE"):
         text += " (and inter_dim > %d)" % SMALL_INTER_DIM
+    if inst.stage == 1 and r == "LARGE" and "WIDE" in roles(1, inst.dtype, dsl):
+        text += " (and 2 * inter_dim a multiple of 256)"
     return f"stage {inst.stage}, {r}: {text}"

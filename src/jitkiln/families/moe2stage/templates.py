@@ -257,26 +257,24 @@ static GemmArrays take_arrays(Bump& b, int E) {
   return g;
 }
 
-// One thread per expert: the grouped GEMM's problem shapes, pointers and strides, from device offsets.
-__global__ void setup_groups(GemmArrays g, const int32_t* __restrict__ offsets, int E, int N, int K,
-                             const ElementA* A, const ElementB* B, ElementD* D,
-                             const float* a_scale, const float* w_scale) {
+// Expert e's grouped-GEMM problem shape, pointers and strides, from device offsets.
+__device__ void setup_one(const GemmArrays& g, const int32_t* __restrict__ offsets, int e, int N, int K,
+                          const ElementA* A, const ElementB* B, ElementD* D,
+                          const float* a_scale, const float* w_scale) {
 """,
         r"""  g.pSFA = b.take<const float*>(E); g.pSFB = b.take<const float*>(E);
   g.lSFA = b.take<LayoutSFA>(E); g.lSFB = b.take<LayoutSFB>(E);
   return g;
 }
 
-// One thread per expert: problem shapes, operand and scale pointers, strides and scale layouts, from the
-// device offsets (no host sync). sfa: the M-major-per-expert activation scales; sfb: [E, N/128, K/128].
-__global__ void setup_groups(GemmArrays g, const int32_t* __restrict__ offsets, int E, int N, int K,
-                             const ElementA* A, const ElementB* B, ElementD* D,
-                             const float* sfa, const float* sfb) {
+// Expert e's problem shape, operand and scale pointers, strides and scale layouts, from the device offsets (no
+// host sync). sfa: the M-major-per-expert activation scales; sfb: [E, N/128, K/128].
+__device__ void setup_one(const GemmArrays& g, const int32_t* __restrict__ offsets, int e, int N, int K,
+                          const ElementA* A, const ElementB* B, ElementD* D,
+                          const float* sfa, const float* sfb) {
 """,
     ),
-    r"""  int e = blockIdx.x * blockDim.x + threadIdx.x;
-  if (e >= E) return;
-  int off = offsets[e];
+    r"""  int off = offsets[e];
   int m = offsets[e + 1] - off;
   g.shapes[e] = Shape3(m, N, K);
   g.pA[e] = A + int64_t(off) * K;
@@ -300,6 +298,13 @@ __global__ void setup_groups(GemmArrays g, const int32_t* __restrict__ offsets, 
 """,
     ),
     r"""}
+
+// One thread per expert: setup_one for every expert (stage 2; stage 1 past route_groups' limits).
+__global__ void setup_groups(GemmArrays g, const int32_t* __restrict__ offsets, int E, int N, int K,
+                             const ElementA* A, const ElementB* B, ElementD* D, const float* s1, const float* s2) {
+  int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e < E) setup_one(g, offsets, e, N, K, A, B, D, s1, s2);
+}
 
 static typename Gemm::Arguments gemm_args(const GemmArrays& g, int E) {
   cutlass::KernelHardwareInfo hw;
@@ -387,8 +392,27 @@ __device__ __forceinline__ float quant_block4(const float (&v)[4], ElementA* dst
 )
 
 
-# routing kernels every moe2stage unit shares (the CuTe DSL glue includes the same text): (t, k) -> rank inside
-# its expert and per-expert counts; the exclusive scan of the counts into row offsets
+# the block-wide exclusive scan the routing kernels use (the CuTe DSL glue includes it too)
+BLOCK_SCAN = r"""// Exclusive scan of one value per thread over a block of 1024: (this thread's prefix, the block's total).
+__device__ __forceinline__ int2 block_scan(int v, int32_t* part) {
+  const int tid = threadIdx.x;
+  __syncthreads();  // part may still be read by an earlier scan
+  part[tid] = v;
+  __syncthreads();
+  for (int d = 1; d < 1024; d <<= 1) {
+    int u = tid >= d ? part[tid - d] : 0;
+    __syncthreads();
+    part[tid] += u;
+    __syncthreads();
+  }
+  return make_int2(part[tid] - v, part[1023]);
+}
+"""
+
+
+# routing kernels every moe2stage unit shares (the CuTe DSL glue's stage 1 includes the same text; both after
+# BLOCK_SCAN): (t, k) -> rank inside its expert and per-expert counts; the exclusive scan of the counts into row
+# offsets; both in one block (route_block) while the counts fit in shared memory
 COUNT_SCAN = r"""// (t, k) -> rank of this row inside its expert; counts per expert.
 __global__ void count_rows(const int32_t* __restrict__ ids, int n, int E, int32_t* __restrict__ counts,
                            int32_t* __restrict__ rank) {
@@ -399,24 +423,44 @@ __global__ void count_rows(const int32_t* __restrict__ ids, int n, int E, int32_
 }
 
 // Exclusive scan of E counts in one block of 1024 threads (E is small: local experts).
-__global__ void scan_counts(const int32_t* __restrict__ counts, int E, int32_t* __restrict__ offsets) {
+__global__ void __launch_bounds__(1024) scan_counts(const int32_t* __restrict__ counts, int E,
+                                                    int32_t* __restrict__ offsets) {
   __shared__ int32_t part[1024];
-  int tid = threadIdx.x;
-  int per = (E + 1023) / 1024;
-  int lo = tid * per, hi = min(E, lo + per);
+  const int per = (E + 1023) / 1024;
+  const int lo = min(E, int(threadIdx.x) * per), hi = min(E, lo + per);
   int s = 0;
   for (int e = lo; e < hi; ++e) s += counts[e];
-  part[tid] = s;
-  __syncthreads();
-  for (int d = 1; d < 1024; d <<= 1) {
-    int v = tid >= d ? part[tid - d] : 0;
-    __syncthreads();
-    part[tid] += v;
-    __syncthreads();
-  }
-  int run = part[tid] - s;
+  const int2 r = block_scan(s, part);
+  int run = r.x;
   for (int e = lo; e < hi; ++e) { offsets[e] = run; run += counts[e]; }
-  if (tid == 1023) offsets[E] = part[1023];
+  if (threadIdx.x == 0) offsets[E] = r.y;
+}
+
+// Routing by one block of 1024 while the counts fit in shared memory (E <= kRouteE) and one block's pass over
+// the pairs is short (n <= kRouteN): each (t, k) pair's rank inside its expert (shared-memory atomics) and the
+// experts' row offsets -- what the memset, count_rows and scan_counts launches do otherwise. The counts stay in
+// cnt [kRouteE] (shared) for the caller; part [1024] is block_scan's scratch.
+constexpr int kRouteE = 8192;
+constexpr int kRouteN = 16384;
+__device__ __forceinline__ void route_block(const int32_t* __restrict__ ids, int n, int E,
+                                            int32_t* __restrict__ rank, int32_t* __restrict__ offsets,
+                                            int32_t* cnt, int32_t* part) {
+  const int tid = threadIdx.x;
+  for (int e = tid; e < E; e += 1024) cnt[e] = 0;
+  __syncthreads();
+  for (int i = tid; i < n; i += 1024) {
+    int e = ids[i];
+    rank[i] = (e >= 0 && e < E) ? atomicAdd(&cnt[e], 1) : -1;
+  }
+  __syncthreads();
+  const int per = (E + 1023) / 1024;
+  const int lo = min(E, tid * per), hi = min(E, lo + per);
+  int rows = 0;
+  for (int e = lo; e < hi; ++e) rows += cnt[e];
+  const int2 r = block_scan(rows, part);
+  int run = r.x;
+  for (int e = lo; e < hi; ++e) { offsets[e] = run; run += cnt[e]; }
+  if (tid == 0) offsets[E] = r.y;
 }
 """
 
@@ -427,7 +471,20 @@ _STAGE1 = (
 namespace {
 namespace jk {
 
-""" + COUNT_SCAN + r"""
+""" + BLOCK_SCAN + COUNT_SCAN + r"""
+// Stage 1's routing (route_block) and the grouped GEMM's setup (setup_one per expert) in one launch of one
+// block of 1024 threads.
+__global__ void __launch_bounds__(1024) route_groups(const int32_t* __restrict__ ids, int n, int E,
+                                                     int32_t* __restrict__ rank, int32_t* __restrict__ offsets,
+                                                     GemmArrays g, int N, int K, const ElementA* A,
+                                                     const ElementB* B, ElementD* D, const float* s1,
+                                                     const float* s2) {
+  __shared__ int32_t cnt[kRouteE];
+  __shared__ int32_t part[1024];
+  route_block(ids, n, E, rank, offsets, cnt, part);
+  __syncthreads();  // every expert's offsets written
+  for (int e = threadIdx.x; e < E; e += 1024) setup_one(g, offsets, e, N, K, A, B, D, s1, s2);
+}
 """,
     (  # bf16 / fp8 | fp8b128
         r"""// One block per (t, k): its sorted row, its routing weight, and the (quantized) copy of x[t].
@@ -610,24 +667,36 @@ extern "C" __attribute__((visibility("default"))) const char* jk_name_@@digest16
   if (workspace_bytes && *workspace_bytes < b.off) return int(cudaErrorInvalidValue);
   cudaError_t err;
   if (T == 0) return 0;
-  if ((err = cudaMemsetAsync(counts, 0, sizeof(int32_t) * E, stream)) != cudaSuccess) return int(err);
   int n = int(rows);
-  count_rows<<<(n + 255) / 256, 256, 0, stream>>>(topk_ids, n, E, counts, rank);
-  scan_counts<<<1, 1024, 0, stream>>>(counts, E, expert_offsets);
+""",
+    (  # bf16 / fp8 | fp8b128: setup_one's first scale pointer
+        r"""  const float* s1 = a_scale;
+""",
+        r"""  const float* s1 = xs_scale;
+""",
+    ),
+    r"""  const bool one = E <= kRouteE && n <= kRouteN;  // routing and GEMM setup in one launch, else five
+  if (one) {
+    route_groups<<<1, 1024, 0, stream>>>(topk_ids, n, E, rank, expert_offsets, g, 2 * I, H, xs,
+                                         static_cast<const ElementB*>(w13), h, s1, w_scale);
+  } else {
+    if ((err = cudaMemsetAsync(counts, 0, sizeof(int32_t) * E, stream)) != cudaSuccess) return int(err);
+    count_rows<<<(n + 255) / 256, 256, 0, stream>>>(topk_ids, n, E, counts, rank);
+    scan_counts<<<1, 1024, 0, stream>>>(counts, E, expert_offsets);
+  }
 """,
     (  # bf16 / fp8 | fp8b128
         r"""  gather_rows<<<n, 128, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), topk_ids, topk_w, rank,
                                      expert_offsets, topk, H, a_scale, sorted_pos, w_sorted, xs);
-  setup_groups<<<(E + 127) / 128, 128, 0, stream>>>(g, expert_offsets, E, 2 * I, H, xs,
-                                                     static_cast<const ElementB*>(w13), h, a_scale, w_scale);
 """,
         r"""  gather_rows<<<n, 128, 0, stream>>>(x, a_scale, topk_ids, topk_w, rank, expert_offsets, topk, H, sorted_pos,
                                      w_sorted, e_sorted, xs, xs_scale);
-  setup_groups<<<(E + 127) / 128, 128, 0, stream>>>(g, expert_offsets, E, 2 * I, H, xs,
-                                                     static_cast<const ElementB*>(w13), h, xs_scale, w_scale);
 """,
     ),
-    r"""  if ((err = cudaGetLastError()) != cudaSuccess) return int(err);
+    r"""  if (!one)
+    setup_groups<<<(E + 127) / 128, 128, 0, stream>>>(g, expert_offsets, E, 2 * I, H, xs,
+                                                       static_cast<const ElementB*>(w13), h, s1, w_scale);
+  if ((err = cudaGetLastError()) != cudaSuccess) return int(err);
   Gemm gemm;
   cutlass::Status st = gemm.can_implement(args);
   if (st != cutlass::Status::kSuccess) return kStatusBase + int(st);

@@ -1,0 +1,29 @@
+#!/bin/bash
+# One device call for scripts/tile_tune.py: build every bf16 (and fp8, where the set has fp8 tiles) candidate plus
+# the set's extra tiles, check them, sweep every tile of each stage against vLLM. Results under $OUT.
+#   run (carry .whl .gpu/vllm .gpu/cache): TILE_TUNE_SET=wide bash scripts/gpu_tile_tune.sh
+#   SHAPES / TOKENS: the sweep's shapes and token counts; CHECK_TOKENS: moe_check's grid; DEADLINE: seconds.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-out}; mkdir -p "$OUT"
+DEADLINE=${DEADLINE:-570}
+t0=$(date +%s)
+left() { echo $(( DEADLINE - ($(date +%s) - t0) )); }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/nvidia_cutlass-*.whl || exit 1
+export JITKILN_CUTLASS_DIR=/tmp/site/cutlass_library/source PYTHONPATH=$PWD/src JITKILN_CACHE_DIR=/tmp/jitkiln-cache
+mkdir -p $JITKILN_CACHE_DIR
+if [ -f .gpu/cache/cache.tar.xz ]; then tar -C $JITKILN_CACHE_DIR -xJf .gpu/cache/cache.tar.xz; fi
+python3 scripts/tile_tune.py build-cpp --jobs 16 > "$OUT/build.log" 2>&1 || { echo "build failed"; tail -30 "$OUT/build.log"; }
+grep -E "^built" "$OUT/build.log" | grep -v " cached" ; echo "built at $(( $(date +%s) - t0 )) s"
+tar -C $JITKILN_CACHE_DIR -cJf "$OUT/cache.tar.xz" v1/objects v1/manifests v1/header-digests.json 2>/dev/null
+variants=bf16; python3 -c "import sys; sys.path.insert(0,'scripts'); import tile_tune; sys.exit('fp8' not in tile_tune.EXTRA)" && variants="bf16 fp8"
+for v in $variants; do
+  timeout $(( $(left) / 3 )) python3 scripts/tile_tune.py check -- --variant $v --grid --grid-tokens ${CHECK_TOKENS:-1,64,512} \
+    > "$OUT/check-$v.log" 2>&1
+  echo "check $v rc=$? at $(( $(date +%s) - t0 )) s"; grep -E "^BAD|SUMMARY" "$OUT/check-$v.log" | head -20
+done
+FP8=""; [[ "$variants" == *fp8* ]] && FP8=--fp8
+timeout $(left) python3 scripts/tile_tune.py bench -- --vllm .gpu/vllm --no-loop --no-grouped-mm --reps 5 $FP8 \
+  --shapes "${SHAPES:-small-moe,qwen3-30b,mixtral tp8,kimi-k2 tp8}" --tokens ${TOKENS:-256,1024,4096,16384} \
+  --sweep ${TOKENS:-256,1024,4096,16384} --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
+echo "sweep rc=$? at $(( $(date +%s) - t0 )) s"; grep -vE "^\|" "$OUT/sweep.log" | cut -c1-400 | tail -60
