@@ -9,17 +9,7 @@
 #   fp8b128: also build and check the fp8b128 variant (not timed: the vLLM peer is bf16 / per-tensor fp8).
 #   BENCH_ARGS: more bench/moe_perf.py flags (e.g. --shapes / --tokens); DEADLINE: seconds for the whole call.
 #   The build log stays on the machine ($BUILD_LOG, default /tmp/build.log; its "built" lines are printed).
-set -o pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; mkdir -p "$OUT"
-DEADLINE=${DEADLINE:-570}
-t0=$(date +%s)
-left() { echo $(( DEADLINE - ($(date +%s) - t0) )); }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/nvidia_cutlass-*.whl || exit 1
-export JITKILN_CUTLASS_DIR=/tmp/site/cutlass_library/source PYTHONPATH=$PWD/src
-export JITKILN_CACHE_DIR=/tmp/jitkiln-cache
-mkdir -p $JITKILN_CACHE_DIR
-if [ -f .gpu/cache/cache.tar.xz ]; then tar -C $JITKILN_CACHE_DIR -xJf .gpu/cache/cache.tar.xz; fi
+source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 variants="bf16"; [[ " $* " == *" fp8 "* ]] && variants="bf16 fp8"
 [[ " $* " == *" fp8b128 "* ]] && variants="$variants fp8b128"

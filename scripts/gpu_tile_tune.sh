@@ -3,16 +3,7 @@
 # the set's extra tiles, check them, sweep every tile of each stage against vLLM. Results under $OUT.
 #   run (carry .whl .gpu/vllm .gpu/cache): TILE_TUNE_SET=wide bash scripts/gpu_tile_tune.sh
 #   SHAPES / TOKENS: the sweep's shapes and token counts; CHECK_TOKENS: moe_check's grid; DEADLINE: seconds.
-set -o pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; mkdir -p "$OUT"
-DEADLINE=${DEADLINE:-570}
-t0=$(date +%s)
-left() { echo $(( DEADLINE - ($(date +%s) - t0) )); }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/nvidia_cutlass-*.whl || exit 1
-export JITKILN_CUTLASS_DIR=/tmp/site/cutlass_library/source PYTHONPATH=$PWD/src JITKILN_CACHE_DIR=/tmp/jitkiln-cache
-mkdir -p $JITKILN_CACHE_DIR
-if [ -f .gpu/cache/cache.tar.xz ]; then tar -C $JITKILN_CACHE_DIR -xJf .gpu/cache/cache.tar.xz; fi
+source scripts/gpu_env.sh
 python3 scripts/tile_tune.py build-cpp --jobs 16 > "$OUT/build.log" 2>&1 || { echo "build failed"; tail -30 "$OUT/build.log"; }
 grep -E "^built" "$OUT/build.log" | grep -v " cached" ; echo "built at $(( $(date +%s) - t0 )) s"
 tar -C $JITKILN_CACHE_DIR -cJf "$OUT/cache.tar.xz" v1/objects v1/manifests v1/header-digests.json 2>/dev/null

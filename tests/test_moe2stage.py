@@ -39,9 +39,9 @@ def test_candidates_unique_and_described(fam):
         cands = fam.candidates(v)
         # bf16, fp8 and bf16-dsl also have the three weight-stream (GEMV) units (stage 1, stage 2 per token, stage 2
         # grouped by expert); fp8b128 keeps the tiles only; bf16 and fp8 (CUTLASS) trade the 128x128 cooperative tile
-        # for the 64x256 ping-pong one (both stages) and gain the 128x192 cooperative one for stage 1, where it
-        # replaces bf16's 128x256 (fp8 keeps both); bf16-dsl adds 64x256 for stage 2
-        assert len({c.digest for c in cands}) == len(cands) == {"fp8b128": 6, "bf16-dsl": 13, "fp8": 13}.get(v, 12)
+        # for the 64x256 ping-pong one (both stages) and gain the 128x192 cooperative one for stage 1; bf16-dsl adds
+        # 64x256 for stage 2
+        assert len({c.digest for c in cands}) == len(cands) == {"fp8b128": 6}.get(v, 13)
         assert len({c.symbol for c in cands}) == len(cands)
         for c in cands:
             assert fam.rule(v, c)
@@ -143,6 +143,7 @@ def test_select_regimes(fam):
     assert r(4096) == {"stage1": "DECODE_N256", "stage2": "DECODE_N256"}  # 256 rows: 64x256 up to 512 rows
     assert r(8192) == {"stage1": "DECODE_N256", "stage2": "DECODE_N256"}  # 512
     assert r(16384) == {"stage1": "WIDE", "stage2": "LARGE"}  # 1024 rows: 128x192 (bf16 stage 1), 128x256
+    assert r(32768)["stage1"] == "LARGE" and r(32768, inter_dim=192)["stage1"] == "WIDE"  # 2048: where 256 pads
     assert heuristic.role(1, {**base, "tokens": 1024, "inter_dim": 192}) == "DECODE_N128"  # 2I = 384: no padding
     assert heuristic.role(2, {**base, "tokens": 64, "experts": 8, "topk": 2}) == "DECODE_N128"  # a few-tile grid
     # fp8 has the same regimes (its K tile 128: the same bytes per stage), but keeps LARGE for stage 1 where

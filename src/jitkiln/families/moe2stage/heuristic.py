@@ -39,19 +39,21 @@ Tiles (M x N x K; schedule; cluster) and why each exists:
     % faster than fp8's LARGE / MEDIUM from 64 to 1024 rows on Qwen3-30B, Mixtral and Kimi-K2 tp8, stage 2 8-11 %
     faster than 64x128 at 5-21 rows on Kimi-K2 tp8 and small-moe. The CuTe DSL variant takes it for stage 2 in its
     decode range.
-``WIDE``        128x192x64 cooperative (fp8: 128x192x128) -- stage 1 past the 64-row tiles' range, in LARGE's place for
-    bf16 and for fp8 where 2 * inter_dim is not a multiple of 256. Measured (bench/results/moe-tile-wide-h200.json,
-    every tile of each stage timed with the other stage fixed): bf16 7-9 % faster than 128x256 (cluster 2x1) on
-    small-moe (2 * inter_dim = 384 = 2 x 192, where 256 pads) at 256-1024 rows and on Qwen3-30B at 1024 rows, 3 %
-    on Mixtral at 1024 rows and 3 % faster than 64x256 on Kimi-K2 tp8 at 341 rows; 4 % slower on Mixtral at 4096
-    rows (its one loss). fp8: 5-6 % faster on small-moe, 1-4 % slower where 256 divides 2 * inter_dim (LARGE stays
-    there). Five smem stages (40 KB each) against LARGE's four, no cluster.
+``WIDE``        128x192x64 cooperative (fp8: 128x192x128) -- stage 1 past the 64-row tiles' range, in LARGE's place where
+    2 * inter_dim is not a multiple of 256 and, for bf16, up to ``WIDE_MAX_ROWS`` = 1024 rows per expert.
+    Measured (bench/results/moe-tile-wide-h200.json, every tile of each stage timed with the other stage fixed):
+    bf16 7-9 % faster than 128x256 (cluster 2x1) on small-moe (2 * inter_dim = 384 = 2 x 192, where 256 pads) at
+    256-1024 rows and on Qwen3-30B at 1024 rows, 3 % on Mixtral at 1024 rows and 3 % faster than 64x256 on Kimi-K2
+    tp8 at 341 rows; slower on Mixtral at 4096 rows (4 % in the sweep; 12 % at 16384 tokens and 3 % at 8192 in
+    bench/results/moe-perf-vllm-h200.json's first run with it, hence the 1024-row cap). fp8: 5-6 % faster on
+    small-moe, 1-4 % slower where 256 divides 2 * inter_dim (LARGE stays there). Five smem stages (40 KB each)
+    against LARGE's four, no cluster.
 ``MEDIUM``      128x128x64 cooperative -- the DSL tiles, 32 < m <= 128 rows per expert: one M tile covers
     an expert's rows, two consumer warpgroups split it (64 rows each) so the tensor cores see 128-row work, and
     each weight tile is still read only once or twice.
 ``LARGE``       128x256x64 cooperative, cluster 2x1 -- m > 128 (prefill, big batches; bf16 and fp8 stage 2: above
-    512 where the 64x256 tile serves; stage 1: fp8 where 2 * inter_dim is a multiple of 256, above 512 rows;
-    bf16 takes WIDE): compute bound; the
+    512 where the 64x256 tile serves; stage 1 where 2 * inter_dim is a multiple of 256 above 512 rows, for bf16
+    above 1024): compute bound; the
     largest tile CUTLASS's cooperative sm90 kernel keeps in registers gives the best wgmma efficiency, and
     the 2x1 cluster multicasts each weight (B) tile to the two CTAs of neighbouring M tiles, halving weight
     traffic from L2.
@@ -188,6 +190,8 @@ N256_ROWS_S1 = 40
 """bf16 stage 1 takes the 64x256 tile above this many rows per expert ..."""
 N256_MAX_S1 = 512
 """... up to this many (then WIDE / LARGE), and only where 2 * inter_dim is a multiple of 256 (no padded columns)."""
+WIDE_MAX_ROWS = 1024
+"""bf16 stage 1 takes WIDE over LARGE up to this many rows per expert where 256 divides 2 * inter_dim."""
 N256_MAX_S2 = 512
 """bf16 and fp8 stage 2 (inter_dim > SMALL_INTER_DIM) keep the 64x256 tile past the decode range up to this many
 rows per expert (then LARGE)."""
@@ -212,15 +216,15 @@ def roles(stage: int, dtype: str, dsl: bool = False) -> list[str]:
         out.remove("DECODE_N256")
     if "WIDE" in out and dsl:  # no DSL tile of 128x192
         out.remove("WIDE")
-    if dtype == "bf16" and stage == 1 and not dsl:  # WIDE replaces LARGE for bf16's stage 1
-        out.remove("LARGE")
     return out
 
 
 def wide(p: Mapping[str, Any], dtype: str) -> bool:
-    """Whether stage 1 past the 64-row tiles takes WIDE (128x192) rather than LARGE (128x256, cluster 2x1): bf16
-    always, fp8 where 2 * inter_dim is not a multiple of 256 (see the module docstring)."""
-    return dtype == "bf16" or (dtype == "fp8" and (2 * p["inter_dim"]) % 256 != 0)
+    """Whether stage 1 past the 64-row tiles takes WIDE (128x192) rather than LARGE (128x256, cluster 2x1): where
+    2 * inter_dim is not a multiple of 256, and for bf16 also up to WIDE_MAX_ROWS rows per expert (see the module
+    docstring)."""
+    pads = (2 * p["inter_dim"]) % 256 != 0
+    return pads or (dtype == "bf16" and rows_per_expert(p) <= WIDE_MAX_ROWS)
 
 
 def decode_rows(dtype: str, dsl: bool = False) -> int:
@@ -323,8 +327,8 @@ def rules(dr: int) -> dict[str, str]:
         "LARGE": ("rows per expert > %d" % max(dr, MEDIUM_ROWS) if dr < DECODE_ROWS else
                   "rows per expert > %d where the 64x256 tile does not serve (above %d rows, or at most %d tiles of "
                   "it)" % (dr, N256_MAX_S2, SM_COUNT)),
-        "WIDE": ("stage 1 with rows per expert > %d (past the 256-wide tile's range): bf16; fp8 where 2 * inter_dim "
-                 "is not a multiple of 256" % max(dr, MEDIUM_ROWS)),
+        "WIDE": ("stage 1 with rows per expert > %d (past the 256-wide tile's range) where 2 * inter_dim is not a "
+                 "multiple of 256, and for bf16 also up to %d rows" % (max(dr, MEDIUM_ROWS), WIDE_MAX_ROWS)),
         "SMALL_K": "stage 2 with inter_dim <= %d and rows per expert > %d" % (SMALL_INTER_DIM, min(dr, SMALL_K_ROWS)),
     }
 
@@ -375,5 +379,6 @@ def rule(inst) -> str:
     if inst.stage == 2 and r in ("MEDIUM", "LARGE"):
         text += " (and inter_dim > %d)" % SMALL_INTER_DIM
     if inst.stage == 1 and r == "LARGE" and "WIDE" in roles(1, inst.dtype, dsl):
-        text += " (and 2 * inter_dim a multiple of 256)"
+        text += " (and 2 * inter_dim a multiple of 256%s)" % (
+            f"; bf16: above {WIDE_MAX_ROWS} rows" if inst.dtype == "bf16" else "")
     return f"stage {inst.stage}, {r}: {text}"
