@@ -7,14 +7,16 @@ source scripts/gpu_env.sh
 python3 scripts/tile_tune.py build-cpp --jobs 16 > "$OUT/build.log" 2>&1 || { echo "build failed"; tail -30 "$OUT/build.log"; }
 grep -E "^built" "$OUT/build.log" | grep -v " cached" ; echo "built at $(( $(date +%s) - t0 )) s"
 tar -C $JITKILN_CACHE_DIR -cJf "$OUT/cache.tar.xz" v1/objects v1/manifests v1/header-digests.json 2>/dev/null
-variants=bf16; python3 -c "import sys; sys.path.insert(0,'scripts'); import tile_tune; sys.exit('fp8' not in tile_tune.EXTRA)" && variants="bf16 fp8"
+variants=$(python3 -c "import sys; sys.path.insert(0,'scripts'); import tile_tune; print(' '.join(tile_tune.EXTRA))")
 for v in $variants; do
-  timeout $(( $(left) / 3 )) python3 scripts/tile_tune.py check -- --variant $v --grid --grid-tokens ${CHECK_TOKENS:-1,64,512} \
+  DSL=""; [ "$v" = bf16-dsl ] && DSL="--dsl-cache .gpu/cache"
+  timeout $(( $(left) / 3 )) python3 scripts/tile_tune.py check -- --variant $v $DSL --grid --grid-tokens ${CHECK_TOKENS:-1,64,512} \
     > "$OUT/check-$v.log" 2>&1
   echo "check $v rc=$? at $(( $(date +%s) - t0 )) s"; grep -E "^BAD|SUMMARY" "$OUT/check-$v.log" | head -20
 done
-FP8=""; [[ "$variants" == *fp8* ]] && FP8=--fp8
-timeout $(left) python3 scripts/tile_tune.py bench -- --vllm .gpu/vllm --no-loop --no-grouped-mm --reps 5 $FP8 \
+FP8=""; [[ " $variants " == *" fp8 "* ]] && FP8=--fp8
+DSL=""; [[ " $variants " == *" bf16-dsl "* ]] && DSL="--dsl-cache .gpu/cache"
+timeout $(left) python3 scripts/tile_tune.py bench -- --vllm .gpu/vllm --no-loop --no-grouped-mm --reps 5 $FP8 $DSL \
   --shapes "${SHAPES:-small-moe,qwen3-30b,mixtral tp8,kimi-k2 tp8}" --tokens ${TOKENS:-256,1024,4096,16384} \
   --sweep ${TOKENS:-256,1024,4096,16384} --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
 echo "sweep rc=$? at $(( $(date +%s) - t0 )) s"; grep -vE "^\|" "$OUT/sweep.log" | cut -c1-400 | tail -60

@@ -36,6 +36,7 @@ def _cpp(dtype, stage, m, n, k, schedule, cm=1):
 #   wide: tiles whose N divides 2 * inter_dim where 256 does not (small-moe: 2 * 192 = 384 = 2 x 192), the 128x128
 #         cooperative stage 1 that bf16 dropped, and fp8 64x256x128 ping-pong (bf16's DECODE_N256 for fp8) and
 #         128x192x128 cooperative.
+#   dsl-pp: the CuTe DSL's 64x128x128 and 64x256x64 ping-pong tiles with two consumer warpgroups taking turns.
 SETS = {
     "n256": {
         "bf16": [cls(dtype="bf16", tile_m=m, tile_n=n, tile_k=k, schedule="pingpong")
@@ -49,6 +50,10 @@ SETS = {
         "fp8": [_cpp("fp8", 1, 64, 256, 128, "pingpong"), _cpp("fp8", 2, 64, 256, 128, "pingpong"),
                 _cpp("fp8", 1, 128, 192, 128, "cooperative")],
     },
+}
+SETS["dsl-pp"] = {  # the DSL's 64-row ping-pong tiles with two consumer warpgroups (its default: one)
+    "bf16-dsl": [cls(dtype="bf16", tile_m=64, tile_n=n, tile_k=k, schedule="pingpong", consumers=2)
+                 for cls in (MoEStage1Dsl, MoEStage2Dsl) for n, k in ((128, 128), (256, 64))],
 }
 SET = os.environ.get("TILE_TUNE_SET", "n256")
 EXTRA = SETS.get(SET, {})

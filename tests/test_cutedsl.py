@@ -79,6 +79,22 @@ def test_dsl_unit_text_carries_the_kernel_digest_and_params():
     assert fam.packer.render([type("U", (), {"instance": inst, "source": ""})()]) is None  # never packed
 
 
+def test_dsl_two_consumer_tiles_are_their_own_instances():
+    """consumers=2 (two warpgroups taking turns on 64-row ping-pong tiles) is a field of the DSL tiles: its own
+    name, digest and unit params; the default (1) leaves the unit text as it was; anything else is refused."""
+    from jitkiln.families.moe2stage.dsl_instances import MoEStage1Dsl
+    fam = get_family("moe2stage")
+    one = MoEStage1Dsl(dtype="bf16", tile_m=64, tile_n=256, tile_k=64, schedule="pingpong")
+    two = MoEStage1Dsl(dtype="bf16", tile_m=64, tile_n=256, tile_k=64, schedule="pingpong", consumers=2)
+    assert two.name == one.name + "_w2" and two.digest != one.digest
+    assert cutedsl.parse_unit(fam.render(two))[0]["params"]["consumers"] == 2
+    assert "consumers" not in cutedsl.parse_unit(fam.render(one))[0]["params"]
+    for bad in (dict(consumers=3), dict(consumers=2, tile_m=128), dict(consumers=2, schedule="cooperative",
+                                                                       tile_m=128)):
+        with pytest.raises(ValueError, match="consumers"):
+            MoEStage1Dsl(**{**dict(dtype="bf16", tile_m=64, tile_n=256, tile_k=64, schedule="pingpong"), **bad})
+
+
 def test_missing_dsl_says_the_pip_command(monkeypatch):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)

@@ -168,6 +168,8 @@ def test_select_regimes(fam):
     assert s(32)["stage2"] == "GEMV_GROUPED"  # 2.3 rows per active expert: grouped (per token up to 2.0)
     assert s(8, hidden=4096, inter_dim=1792, experts=8, topk=2)["stage2"] == "GEMV_GROUPED"  # Mixtral: 2.3 rows
     assert s(4, hidden=4096, inter_dim=1792, experts=8, topk=2)["stage2"] == "GEMV"  # 1.5 rows: per token
+    mix = dict(hidden=4096, inter_dim=1792, experts=8, topk=2)  # stage 1 at 64 rows: 112 tiles of 64x256 < 132 SMs
+    assert s(256, **mix)["stage1"] == "DECODE_N128" and s(512, **mix)["stage1"] == "DECODE_N256"  # 224 tiles
     # stage 1's weight stream up to 1.6 rows per active expert where the tile's K loop is short (hidden 2048) ...
     assert s(16, inter_dim=768)["stage1"] == "GEMV" and s(32, inter_dim=768)["stage1"].startswith("DECODE")
     assert r(8)["stage1"].startswith("DECODE")  # ... not with hidden 4096 (1.27 rows)

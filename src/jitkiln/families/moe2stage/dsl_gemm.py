@@ -45,7 +45,7 @@ NUM_SMS = 132  # H100 SXM / H200: persistent grid size (fewer SMs: still correct
 
 class MoEGroupedGemm:
     def __init__(self, tile_m: int, tile_n: int, tile_k: int, cluster_m: int, cluster_n: int,
-                 schedule: str = "cooperative", occupancy: int = 1):
+                 schedule: str = "cooperative", occupancy: int = 1, consumers: int = 1):
         if tile_m not in (64, 128):
             raise ValueError(f"tile_m must be 64 or 128, got {tile_m}")
         if tile_n not in (64, 128, 256):
@@ -54,6 +54,8 @@ class MoEGroupedGemm:
             raise ValueError("the DSL grouped GEMM multicasts B across the cluster's M only: cluster_n must be 1")
         if occupancy not in (1, 2):
             raise ValueError(f"occupancy (CTAs per SM) must be 1 or 2, got {occupancy}")
+        if consumers not in (1, 2) or (consumers == 2 and (tile_m != 64 or schedule != "pingpong")):
+            raise ValueError(f"consumers must be 1, or 2 for a 64-row ping-pong tile, got {consumers}")
         # CTAs resident per SM: 2 splits shared memory (fewer stages each) so that one CTA's tile switch and
         # epilogue overlap the other's loads; the persistent grid then holds 2 CTAs per SM
         self.occupancy = occupancy
@@ -62,8 +64,9 @@ class MoEGroupedGemm:
         self.cluster_shape_mn = (cluster_m, cluster_n)
         self.tile_shape_mnk = (tile_m, tile_n, tile_k)
         # 128-row tiles: two consumer warpgroups, either 64 rows each of one tile ("cooperative") or each its own
-        # tile, taking turns in the main loop so that one's epilogue overlaps the other's MMAs ("pingpong")
-        self.pingpong = schedule == "pingpong" and tile_m > 64 and tile_n <= 128
+        # tile, taking turns in the main loop so that one's epilogue overlaps the other's MMAs ("pingpong"); 64-row
+        # tiles: one consumer warpgroup, or (consumers=2) two taking turns the same way
+        self.pingpong = schedule == "pingpong" and ((tile_m > 64 and tile_n <= 128) or consumers == 2)
         self.atom_layout_mnk = (2, 1, 1) if tile_m > 64 and not self.pingpong else (1, 1, 1)
         self.mma_warp_groups = math.prod(self.atom_layout_mnk)
         self.consumer_wgs = 2 if self.pingpong else self.mma_warp_groups
@@ -335,5 +338,6 @@ def compile_for(params: dict):
     off = make_fake_compact_tensor(cutlass.Int32, (cute.sym_int32(),), assumed_align=4)
     toff = make_fake_compact_tensor(cutlass.Int32, (cute.sym_int32(),), assumed_align=4)
     g = MoEGroupedGemm(params["tile_m"], params["tile_n"], params["tile_k"], params["cluster_m"],
-                       params["cluster_n"], params.get("schedule", "cooperative"), params.get("occupancy", 1))
+                       params["cluster_n"], params.get("schedule", "cooperative"), params.get("occupancy", 1),
+                       params.get("consumers", 1))
     return cute.compile(g, a, b, d, off, toff, cuda.CUstream(0))

@@ -28,10 +28,19 @@ class _Dsl:
 
 class _DslTile(_Dsl):
     occupancy: int  # CTAs per SM of the persistent grid (2: half the pipeline stages each); a dataclass field
+    # consumer warpgroups of a 64-row ping-pong tile: 1 (one warpgroup, the producer warp running ahead) or 2 (two
+    # warpgroups taking turns, each its own tile, one's epilogue under the other's MMAs); a dataclass field
+    consumers: int
+
+    def _check_consumers(self):
+        m, schedule = self.tile_m, self.schedule  # type: ignore[attr-defined]
+        if self.consumers not in (1, 2) or (self.consumers == 2 and (m != 64 or schedule != "pingpong")):
+            raise ValueError("consumers: 1, or 2 for a 64-row ping-pong DSL tile")
 
     @property
     def name(self) -> str:
-        return super().name + ("" if self.occupancy == 1 else f"_o{self.occupancy}")  # type: ignore[misc]
+        return (super().name + ("" if self.occupancy == 1 else f"_o{self.occupancy}")  # type: ignore[misc]
+                + ("" if self.consumers == 1 else f"_w{self.consumers}"))
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,11 @@ class MoEStage1Dsl(_DslTile, MoEStage1):
     """Stage 1 with the CuTe DSL grouped GEMM."""
 
     occupancy: int = 1
+    consumers: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_consumers()
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,11 @@ class MoEStage2Dsl(_DslTile, MoEStage2):
     """Stage 2 with the CuTe DSL grouped GEMM."""
 
     occupancy: int = 1
+    consumers: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_consumers()
 
 
 @dataclass(frozen=True)
@@ -62,7 +81,8 @@ _TO_DSL = {MoEStage1: MoEStage1Dsl, MoEStage2: MoEStage2Dsl, MoEGemv1: MoEGemv1D
 
 
 def to_dsl(inst: MoEGemm) -> MoEGemm:
-    """The DSL variant's instance of a bf16 instance (same fields; a DSL tile's own occupancy at its default)."""
+    """The DSL variant's instance of a bf16 instance (same fields; a DSL tile's own occupancy and consumers at their
+    defaults)."""
     cls = _TO_DSL[type(inst)]
     return cls(**{f.name: getattr(inst, f.name) for f in dataclasses.fields(inst)})
 

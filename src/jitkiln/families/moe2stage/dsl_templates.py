@@ -248,6 +248,8 @@ def render_dsl_unit(inst) -> str:
                        "cluster_m": inst.cluster_m, "cluster_n": inst.cluster_n, "schedule": inst.schedule}}
     if getattr(inst, "occupancy", 1) != 1:  # absent at 1: the 1-CTA units' text (and keys) unchanged
         spec["params"]["occupancy"] = inst.occupancy
+    if getattr(inst, "consumers", 1) != 1:  # likewise
+        spec["params"]["consumers"] = inst.consumers
     fields = dict(name=inst.name, symbol=inst.symbol, digest16=inst.digest[:16], prefix=prefix,
                   tile_m=inst.tile_m, cluster_m=inst.cluster_m)
     glue = (f"// jitkiln moe2stage instance (CuTe DSL GEMM): {inst.name}\n" + _COMMON
