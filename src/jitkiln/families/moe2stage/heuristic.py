@@ -35,19 +35,19 @@ Tiles (M x N x K; schedule; cluster) and why each exists:
     SMALL_K (inter_dim <= 256, above 48 rows: Kimi-K2 tp8 at 4096-16384 tokens 1.72 / 4.81 ms against 1.86 / 4.93)
     and keeps the 64x256 tile up to ``N256_MAX_S2`` = 512 rows (bench/results/moe-tile-wide-h200.json: Qwen3-30B at
     256 rows 0.742 against 0.807 ms for LARGE, Mixtral at 256 rows 0.213 against 0.229; Kimi-K2 ep8 at 341 rows
-    even; Qwen3-235B at 256 rows 3 % slower), then LARGE. fp8's 64x256x128 tile (same rules; same file): stage 1 3-9
-    % faster than fp8's LARGE / MEDIUM from 64 to 1024 rows on Qwen3-30B, Mixtral and Kimi-K2 tp8, stage 2 8-11 %
+    even; Qwen3-235B at 256 rows 3 % slower), then LARGE. fp8's 64x256x128 tile (same rules; same file): stage 1
+    3-9 % faster than fp8's LARGE / MEDIUM from 64 to 1024 rows on Qwen3-30B, Mixtral and Kimi-K2 tp8, stage 2 8-11 %
     faster than 64x128 at 5-21 rows on Kimi-K2 tp8 and small-moe. The CuTe DSL variant takes it for stage 2 in its
     decode range.
-``WIDE``        128x192x64 cooperative (fp8: 128x192x128) -- stage 1 past the 64-row tiles' range, in LARGE's place where
-    2 * inter_dim is not a multiple of 256 and, for bf16, up to ``WIDE_MAX_ROWS`` = 1024 rows per expert.
-    Measured (bench/results/moe-tile-wide-h200.json, every tile of each stage timed with the other stage fixed):
-    bf16 7-9 % faster than 128x256 (cluster 2x1) on small-moe (2 * inter_dim = 384 = 2 x 192, where 256 pads) at
-    256-1024 rows and on Qwen3-30B at 1024 rows, 3 % on Mixtral at 1024 rows and 3 % faster than 64x256 on Kimi-K2
-    tp8 at 341 rows; slower on Mixtral at 4096 rows (4 % in the sweep; 12 % at 16384 tokens and 3 % at 8192 in
-    bench/results/moe-perf-vllm-h200.json's first run with it, hence the 1024-row cap). fp8: 5-6 % faster on
-    small-moe, 1-4 % slower where 256 divides 2 * inter_dim (LARGE stays there). Five smem stages (40 KB each)
-    against LARGE's four, no cluster.
+``WIDE``        128x192x64 cooperative (fp8: 128x192x128) -- stage 1 past the 64-row tiles' range, in LARGE's
+    place where 2 * inter_dim is not a multiple of 256 and, for bf16, up to ``WIDE_MAX_ROWS`` = 1024 rows per
+    expert. Measured (bench/results/moe-tile-wide-h200.json, every tile of each stage timed with the other stage
+    fixed): bf16 7-9 % faster than 128x256 (cluster 2x1) on small-moe (2 * inter_dim = 384 = 2 x 192, where 256
+    pads) at 256-1024 rows and on Qwen3-30B at 1024 rows, 3 % on Mixtral at 1024 rows and 3 % faster than 64x256
+    on Kimi-K2 tp8 at 341 rows; slower on Mixtral at 4096 rows (4 % in the sweep; 12 % at 16384 tokens and 3 % at
+    8192 in bench/results/moe-perf-vllm-wide-first-h200.json, the first bench run with it, hence the 1024-row
+    cap). fp8: 5-6 % faster on small-moe, 1-4 % slower where 256 divides 2 * inter_dim (LARGE stays there). Five
+    smem stages (40 KB each) against LARGE's four, no cluster.
 ``MEDIUM``      128x128x64 cooperative -- the DSL tiles, 32 < m <= 128 rows per expert: one M tile covers
     an expert's rows, two consumer warpgroups split it (64 rows each) so the tensor cores see 128-row work, and
     each weight tile is still read only once or twice.
