@@ -175,11 +175,8 @@ def main():
     vl = None
     if a.vllm:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from vllm_moe import VllmUnavailable, load as load_vllm
-        try:
-            vl = load_vllm(a.vllm)
-        except VllmUnavailable as e:
-            sys.exit(f"moe_perf: {e}")
+        from vllm_moe import load_or_exit
+        vl = load_or_exit(a.vllm, "moe_perf")
     if not torch.cuda.is_available():
         sys.exit("moe_perf: no CUDA device here: run it on the GPU machine (scripts/gpu_decode.sh)")
     from moe_build import ForcedModule, build

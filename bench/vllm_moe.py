@@ -244,3 +244,11 @@ except ImportError:  # no Triton: load() fails with VllmUnavailable
 
 def load(folder: str) -> VllmMoE:
     return VllmMoE(folder)
+
+
+def load_or_exit(folder: str, prog: str) -> VllmMoE:
+    """``load``, or exit with ``prog: <why>`` in one line (the bench and probe scripts' --vllm)."""
+    try:
+        return VllmMoE(folder)
+    except VllmUnavailable as e:
+        raise SystemExit(f"{prog}: {e}") from None

@@ -9,6 +9,16 @@
 #   fp8b128: also build and check the fp8b128 variant (not timed: the vLLM peer is bf16 / per-tensor fp8).
 #   BENCH_ARGS: more bench/moe_perf.py flags (e.g. --shapes / --tokens); DEADLINE: seconds for the whole call.
 #   The build log stays on the machine ($BUILD_LOG, default /tmp/build.log; its "built" lines are printed).
+for w in "$@"; do
+  case $w in check|bench|sweep|tune|fp8|fp8b128|dsl) ;;
+    *) echo "gpu_decode.sh: unknown word '$w': use check, bench, sweep, tune, fp8, fp8b128, dsl" >&2; exit 2 ;;
+  esac
+done
+for v in ${CHECK_VARIANTS:-}; do
+  case $v in bf16|fp8|fp8b128|bf16-dsl) ;;
+    *) echo "gpu_decode.sh: CHECK_VARIANTS: unknown variant '$v' (bf16, fp8, fp8b128, bf16-dsl)" >&2; exit 2 ;;
+  esac
+done
 source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 variants="bf16"; [[ " $* " == *" fp8 "* ]] && variants="bf16 fp8"

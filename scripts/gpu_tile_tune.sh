@@ -3,6 +3,8 @@
 # the set's extra tiles, check them, sweep every tile of each stage against vLLM. Results under $OUT.
 #   run (carry .whl .gpu/vllm .gpu/cache): TILE_TUNE_SET=wide bash scripts/gpu_tile_tune.sh
 #   SHAPES / TOKENS: the sweep's shapes and token counts; CHECK_TOKENS: moe_check's grid; DEADLINE: seconds.
+[ $# -eq 0 ] || { echo "gpu_tile_tune.sh: takes no arguments (TILE_TUNE_SET, SHAPES, TOKENS, CHECK_TOKENS, DEADLINE)" >&2; exit 2; }
+python3 scripts/tile_tune.py sets > /dev/null || exit 2
 source scripts/gpu_env.sh
 python3 scripts/tile_tune.py build-cpp --jobs 16 > "$OUT/build.log" 2>&1 || { echo "build failed"; tail -30 "$OUT/build.log"; }
 grep -E "^built" "$OUT/build.log" | grep -v " cached" ; echo "built at $(( $(date +%s) - t0 )) s"

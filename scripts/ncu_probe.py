@@ -35,11 +35,8 @@ def main() -> int:
         sys.exit("ncu_probe: --tokens must be positive")
     vl = None
     if a.vllm:
-        from vllm_moe import VllmUnavailable, load
-        try:
-            vl = load(a.vllm)
-        except VllmUnavailable as e:
-            sys.exit(f"ncu_probe: {e}")
+        from vllm_moe import load_or_exit
+        vl = load_or_exit(a.vllm, "ncu_probe")
     if not torch.cuda.is_available():
         sys.exit("ncu_probe: no CUDA device here: run it on the GPU machine")
     from moe_build import build

@@ -5,6 +5,7 @@ family's candidates, in this process only (the family's candidate lists are exte
     python scripts/tile_tune.py build-cpp [--jobs N]        # compile the extra C++ tiles (and every bf16 unit)
     python scripts/tile_tune.py check -- <scripts/moe_check.py arguments>
     python scripts/tile_tune.py bench -- <bench/moe_perf.py arguments with --sweep (and --dsl-cache)>
+    python scripts/tile_tune.py sets                          # the tile sets (TILE_TUNE_SET=<name> picks one)
 
 Measured with it: DSL occupancy 2 (two CTAs per SM; bench/results/moe-dsl-tune-h200.json), 64x256x64 and
 64x128x64 ping-pong tiles (bench/results/moe-tile-tune-h200.json).
@@ -71,10 +72,13 @@ def main(argv: list[str]) -> int:
     if SET not in SETS:
         print(f"tile_tune: TILE_TUNE_SET={SET!r} is not a tile set; use one of {', '.join(SETS)}", file=sys.stderr)
         return 2
-    if not argv or argv[0] not in ("build-dsl", "build-cpp", "check", "bench"):
+    if not argv or argv[0] not in ("build-dsl", "build-cpp", "check", "bench", "sets"):
         print("tile_tune: usage: tile_tune.py build-dsl [CACHE_DIR] | build-cpp [--jobs N] | check -- <moe_check.py "
-              "arguments> | bench -- <moe_perf.py arguments>", file=sys.stderr)
+              "arguments> | bench -- <moe_perf.py arguments> | sets", file=sys.stderr)
         return 2
+    if argv[0] == "sets":  # the tile sets, the chosen one marked (TILE_TUNE_SET was checked above)
+        print(" ".join(f"[{s}]" if s == SET else s for s in SETS))
+        return 0
     jobs = None
     if argv[0] == "build-cpp" and "--jobs" in argv:
         i = argv.index("--jobs")

@@ -32,7 +32,8 @@ class _DslTile(_Dsl):
     # warpgroups taking turns, each its own tile, one's epilogue under the other's MMAs); a dataclass field
     consumers: int
 
-    def _check_consumers(self):
+    def __post_init__(self):
+        super().__post_init__()  # type: ignore[misc]
         m, schedule = self.tile_m, self.schedule  # type: ignore[attr-defined]
         if self.consumers not in (1, 2) or (self.consumers == 2 and (m != 64 or schedule != "pingpong")):
             raise ValueError("consumers: 1, or 2 for a 64-row ping-pong DSL tile")
@@ -50,10 +51,6 @@ class MoEStage1Dsl(_DslTile, MoEStage1):
     occupancy: int = 1
     consumers: int = 1
 
-    def __post_init__(self):
-        super().__post_init__()
-        self._check_consumers()
-
 
 @dataclass(frozen=True)
 class MoEStage2Dsl(_DslTile, MoEStage2):
@@ -61,10 +58,6 @@ class MoEStage2Dsl(_DslTile, MoEStage2):
 
     occupancy: int = 1
     consumers: int = 1
-
-    def __post_init__(self):
-        super().__post_init__()
-        self._check_consumers()
 
 
 @dataclass(frozen=True)
