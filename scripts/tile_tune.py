@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from jitkiln.families.moe2stage import family as _family  # noqa: E402
 from jitkiln.families.moe2stage.dsl_instances import MoEStage1Dsl, MoEStage2Dsl  # noqa: E402
-from jitkiln.families.moe2stage.instances import MoEStage1, MoEStage2  # noqa: E402
+from jitkiln.families.moe2stage.instances import MoEStage1, MoEStage1Swap, MoEStage2, MoEStage2Swap  # noqa: E402
 
 SHAPES = ((64, 256, 64), (64, 128, 64))  # (tile_m, tile_n, tile_k), ping-pong, one CTA per SM
 
@@ -38,6 +38,7 @@ def _cpp(dtype, stage, m, n, k, schedule, cm=1):
 #         cooperative stage 1 that bf16 dropped, and fp8 64x256x128 ping-pong (bf16's DECODE_N256 for fp8) and
 #         128x192x128 cooperative.
 #   dsl-pp: the CuTe DSL's 64x128x128 and 64x256x64 ping-pong tiles with two consumer warpgroups taking turns.
+#   swap: swapped-operand tiles (weights as A; tile_n = the rows tile: 16, 32 or 64), bf16 and fp8, both stages.
 SETS = {
     "n256": {
         "bf16": [cls(dtype="bf16", tile_m=m, tile_n=n, tile_k=k, schedule="pingpong")
@@ -56,6 +57,11 @@ SETS["dsl-pp"] = {  # the DSL's 64-row ping-pong tiles with two consumer warpgro
     "bf16-dsl": [cls(dtype="bf16", tile_m=64, tile_n=n, tile_k=k, schedule="pingpong", consumers=2)
                  for cls in (MoEStage1Dsl, MoEStage2Dsl) for n, k in ((128, 128), (256, 64))],
 }
+SWAP_SHAPES = {"bf16": ((64, 16, 128, "pingpong"), (64, 32, 128, "pingpong"), (64, 64, 128, "pingpong"),
+                        (128, 16, 128, "cooperative"), (128, 32, 128, "cooperative")),
+               "fp8": ((64, 16, 256, "pingpong"), (64, 32, 256, "pingpong"), (128, 32, 256, "cooperative"))}
+SETS["swap"] = {dt: [cls(dtype=dt, tile_m=m, tile_n=n, tile_k=k, schedule=sc) for cls in (MoEStage1Swap, MoEStage2Swap)
+                     for m, n, k, sc in shapes] for dt, shapes in SWAP_SHAPES.items()}
 SET = os.environ.get("TILE_TUNE_SET", "n256")
 EXTRA = SETS.get(SET, {})
 

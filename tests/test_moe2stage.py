@@ -40,8 +40,8 @@ def test_candidates_unique_and_described(fam):
         # bf16, fp8 and bf16-dsl also have the three weight-stream (GEMV) units (stage 1, stage 2 per token, stage 2
         # grouped by expert); fp8b128 keeps the tiles only; bf16 and fp8 (CUTLASS) trade the 128x128 cooperative tile
         # for the 64x256 ping-pong one (both stages) and gain the 128x192 cooperative one for stage 1; bf16-dsl adds
-        # 64x256 for stage 2
-        assert len({c.digest for c in cands}) == len(cands) == {"fp8b128": 6}.get(v, 13)
+        # 64x256 for stage 2; bf16 and fp8 also have the two swapped-operand tiles (16 and 32 rows) of each stage
+        assert len({c.digest for c in cands}) == len(cands) == {"fp8b128": 6, "bf16-dsl": 13}.get(v, 17)
         assert len({c.symbol for c in cands}) == len(cands)
         for c in cands:
             assert fam.rule(v, c)
@@ -129,7 +129,9 @@ def test_select_regimes(fam):
     base = dict(hidden=4096, inter_dim=1536, experts=128, topk=8)
     r = lambda t, **kw: {s: heuristic.role_of(i) for s, i in fam.select("bf16", {**base, "tokens": t, **kw}).items()}  # noqa
     assert r(1) == {"stage1": "GEMV", "stage2": "GEMV"}  # decode: the weight-stream units
-    assert r(16)["stage1"].startswith("DECODE")  # ~1.5 rows per active expert: the 64-row tiles again
+    assert r(16) == {"stage1": "SWAP16", "stage2": "SWAP16"}  # ~1.6 rows per active expert: swapped operands
+    assert r(4) == {"stage1": "SWAP16", "stage2": "GEMV"}  # 1.13 rows: stage 1 past the weight stream's 1.05
+    assert r(256) == {"stage1": "SWAP32", "stage2": "SWAP32"}  # 16 rows: the 32-row swapped tiles
     d = lambda t, **kw: {s: heuristic.role_of(i) for s, i in fam.select("fp8", {**base, "tokens": t, **kw}).items()}  # noqa
     assert d(1) == {"stage1": "GEMV", "stage2": "GEMV"}  # fp8 (per-tensor) has its own weight-stream units
     assert all(i.dtype == "fp8" for i in fam.select("fp8", {**base, "tokens": 1}).values())
@@ -145,7 +147,7 @@ def test_select_regimes(fam):
     assert r(16384) == {"stage1": "WIDE", "stage2": "LARGE"}  # 1024 rows: 128x192 (bf16 stage 1), 128x256
     assert r(32768)["stage1"] == "LARGE" and r(32768, inter_dim=192)["stage1"] == "WIDE"  # 2048: where 256 pads
     assert heuristic.role(1, {**base, "tokens": 1024, "inter_dim": 192}) == "DECODE_N128"  # 2I = 384: no padding
-    assert heuristic.role(2, {**base, "tokens": 64, "experts": 8, "topk": 2}) == "DECODE_N128"  # a few-tile grid
+    assert heuristic.role(2, {**base, "tokens": 64, "experts": 8, "topk": 2, "inter_dim": 768}) == "DECODE_N128"  # few tiles
     # fp8 has the same regimes (its K tile 128: the same bytes per stage), but keeps LARGE for stage 1 where
     # 2 * inter_dim is a multiple of 256 and takes WIDE where the 256-wide tile would pad
     assert d(4096) == {"stage1": "DECODE_N256", "stage2": "DECODE_N256"}
@@ -170,16 +172,47 @@ def test_select_regimes(fam):
     assert s(4, hidden=4096, inter_dim=1792, experts=8, topk=2)["stage2"] == "GEMV"  # 1.5 rows: per token
     mix = dict(hidden=4096, inter_dim=1792, experts=8, topk=2)  # stage 1 at 64 rows: 112 tiles of 64x256 < 132 SMs
     assert s(256, **mix)["stage1"] == "DECODE_N128" and s(512, **mix)["stage1"] == "DECODE_N256"  # 224 tiles
-    # stage 1's weight stream up to 1.6 rows per active expert where the tile's K loop is short (hidden 2048) ...
-    assert s(16, inter_dim=768)["stage1"] == "GEMV" and s(32, inter_dim=768)["stage1"].startswith("DECODE")
-    assert r(8)["stage1"].startswith("DECODE")  # ... not with hidden 4096 (1.27 rows)
+    # stage 1's weight stream up to 1.6 rows per active expert where an expert's W13 is small (<= 1M elements) ...
+    assert s(16)["stage1"] == "GEMV" and s(16, inter_dim=768)["stage1"] == "SWAP16"  # W13 of 1.5M vs 6M elements
+    assert r(8)["stage1"] == "SWAP16"  # ... not with a large W13 (1.27 rows)
     assert r(64)["stage2"] != "GEMV_GROUPED"  # Qwen3-235B's W2 (1.6 GB) streams faster through the tiles
     assert s(16, hidden=4096, inter_dim=1792, experts=8, topk=2)["stage2"] == "GEMV_GROUPED"  # Mixtral tp8
     g = fam.select("fp8", {**small, "tokens": 64})["stage2"]
     assert is_gemv(g) and g.dtype == "fp8" and g.n == 2
     # 64x64 only where 128-wide tiles would not fill half the SMs
-    assert heuristic.role(1, {**base, "tokens": 1}, gemv=False) == "DECODE_N128"  # 8 experts x 24 tiles
-    assert heuristic.role(1, {**small, "tokens": 1}, gemv=False) == "DECODE_N64"  # 8 experts x 3 tiles
+    assert heuristic.role(1, {**base, "tokens": 1}, gemv=False, dsl=True) == "DECODE_N128"  # 8 experts x 24 tiles
+    assert heuristic.role(1, {**small, "tokens": 1}, gemv=False, dsl=True) == "DECODE_N64"  # 8 experts x 3 tiles
+    # swapped operands: bf16 and fp8 (fp8 with K tiles of 256), never the DSL variant; stage 2 only with a long K
+    assert fam.select("fp8", {**base, "tokens": 16})["stage1"].name == "moe2stage_s1_fp8_128x16x256_cooperative_c1x1_swap"
+    dsl_sel = [i for t in (4, 16, 256) for i in fam.select("bf16-dsl", {**base, "tokens": t}).values()]
+    assert not any(getattr(i, "swap", False) for i in dsl_sel)
+    kimi = dict(hidden=7168, inter_dim=256, experts=384, topk=8)  # Kimi-K2 tp8: stage 2's K = 256
+    assert heuristic.role(2, {**kimi, "tokens": 256}) == "DECODE_N256" and heuristic.role(1, {**kimi, "tokens": 256}) == "SWAP16"
+    assert "swapped operands" in fam.rule("bf16", fam.select("bf16", {**base, "tokens": 16})["stage2"])
+
+
+def test_swap_instances_render_and_constraints():
+    """Swapped-operand tiles (weights as the GEMM's A): their own names and digests; the unit differs from the plain
+    tile's only in the operand roles (problem shape, pointers, D's layout), and bad fields are refused."""
+    from jitkiln.families.moe2stage.instances import MoEStage1, MoEStage1Swap, MoEStage2Swap
+    from jitkiln.families.moe2stage.templates import render_unit
+    kw = dict(dtype="bf16", tile_m=64, tile_n=16, tile_k=128, schedule="pingpong")
+    s, p = MoEStage1Swap(**kw), MoEStage1(**kw)
+    assert s.name == p.name + "_swap" and s.digest != p.digest and s.params()["operands"] == "swap"
+    assert "operands" not in p.params()  # the plain tiles' parameters (and digests) are unchanged
+    src, plain = render_unit(s), render_unit(p)
+    assert "using LayoutD = cutlass::layout::ColumnMajor;" in src and "Shape3(N, m, K)" in src
+    assert "using LayoutD = cutlass::layout::RowMajor;" in plain and "Shape3(m, N, K)" in plain
+    assert "ColumnMajor;  // output" not in plain and "Shape3(N, m, K)" not in plain
+    strip = lambda t, i: t.replace(i.name, "NAME").replace(i.digest[:16], "DIGEST")  # noqa: E731
+    changed = [a for a, b in zip(strip(src, s).splitlines(), strip(plain, p).splitlines()) if a != b]
+    assert len(src.splitlines()) == len(plain.splitlines()) and len(changed) == 5, changed  # LayoutD, shape, A, B, D stride
+    assert "(N, rows)" in changed[0]
+    for bad, msg in ((dict(dtype="fp8b128", tile_n=128), "fp8b128"), (dict(tile_n=12), "tile_n"),
+                     (dict(tile_n=264), "tile_n")):
+        with pytest.raises(ValueError, match=msg):
+            MoEStage2Swap(**{**kw, **bad})
+    assert MoEStage2Swap(**{**kw, "dtype": "fp8", "tile_k": 256}).name.endswith("_fp8_64x16x256_pingpong_c1x1_swap")
 
 
 def test_problem_validation(fam):
@@ -220,9 +253,22 @@ def test_render_c_abi_no_torch(fam):
                 # stage 1: routing and the GEMM's setup in one block while the counts fit in shared memory and the
                 # pairs are few; else memset, count, scan and setup launches (E > 8192 or n > 16384)
                 one = ("const bool one = E <= kRouteE && n <= kRouteN;" in src
-                       and "route_groups<<<1, 1024, 0, stream>>>" in src and "count_rows<<<" in src
-                       and "if (!one)\n    setup_groups<<<" in src)
+                       and "pdl_launch(route_groups, 1, 1024, stream," in src and "count_rows<<<" in src
+                       and "if (!one && (err = pdl_launch(setup_groups," in src)
                 assert one == (inst.stage == 1), inst.name
+                # every launch but the fallback routing is a programmatic dependent launch whose kernel waits for the
+                # previous grid before anything else; the GEMM runs behind that wait in its wrapper
+                pdl = re.findall(r"pdl_launch\((\w+),", src)
+                assert pdl == (["route_groups", "gather_rows", "setup_groups", "activate_rows"] if inst.stage == 1
+                               else ["setup_groups", "combine_rows"]), (inst.name, pdl)
+                assert re.findall(r"(\w+)<<<", src) == (["count_rows", "scan_counts"] if inst.stage == 1 else [])
+                assert src.count("run_gemm(gemm, stream)") == 1 and "gemm.run(" not in src
+                for kern in set(pdl) | {"gemm_after"}:
+                    body = src[re.search(rf"__global__ void[^{{;]*?\b{kern}\(", src).end():]
+                    body = body[body.index(") {") + 3:]
+                    first = [ln.strip() for ln in body.splitlines() if ln.strip() and "__shared__" not in ln
+                             and not ln.strip().startswith("//")][0]
+                    assert first == "pdl_enter();", (inst.name, kern, first)
 
 
 def test_compile_spec(fam):

@@ -68,11 +68,31 @@ Tiles (M x N x K; schedule; cluster) and why each exists:
     inter_dim <= 256: a deployment with inter_dim > 256 (Kimi-K2 at tp <= 4 or ep 8, DeepSeek-V3, Qwen3)
     never selects it, so its plan does not build it.
 
+``SWAP16`` / ``SWAP32`` (bf16 and per-tensor fp8; not the CuTe DSL variant) 128x16x128 / 128x32x128 cooperative with
+    swapped operands (fp8: K 256): the weights are the GEMM's A and an expert's rows its B (:class:`.instances._Swap`),
+    so a tile spans 128 output columns and 16 or 32 rows instead of wgmma's 64-row minimum, and each smem stage is
+    mostly weights. Stage 1 takes them past the weight-stream units while the expected rows per active expert are
+    <= ``SWAP16_ROWS`` = 8 (16 wide) or <= ``SWAP_ROWS`` = 32 (32 wide); stage 2 the same where its K (inter_dim) is
+    >= ``SWAP_MIN_K2`` = 1024. Measured on the H200 (``TILE_TUNE_SET=swap bash scripts/gpu_tile_tune.sh``,
+    bench/results/moe-tile-swap-h200.json: six shapes at 16 / 64 / 256 tokens, every tile of each stage timed with
+    the other fixed; 955 bf16 + 418 fp8 checks, 0 failed): stage 1 0.3-3 % faster than the 64-row tiles from 1.6 to 16
+    rows per active expert on every shape (Kimi-K2 ep8 at 256 tokens 2.1 %, Mixtral at 64 tokens 3.3 %), 4-6 % faster
+    than the weight-stream unit on Kimi-K2 at 16 tokens (1.17 rows); stage 2 1-2.3 % faster on Qwen3-235B and Kimi-K2
+    ep8 (inter_dim 1536 / 2048), 2-7 % slower on Kimi-K2 tp8 and small-moe (inter_dim 256 / 192: a K loop of two
+    k-tiles), even on Qwen3-30B (768); 16 vs 32 rows within 1 % where both fit. With them the weight-stream units'
+    ranges moved (bench/results/moe-sweep-swap-h200.json, 8 / 16 / 1024 tokens): stage 1 up to
+    ``GEMV_ROWS_S1_SWAP`` = 1.05 rows (Kimi-K2 ep8 at 16 tokens, 1.17 rows: 0.281 against 0.305 ms; Qwen3-30B at 8 /
+    16 tokens 3-6 %), and up to 1.6 only where an expert's W13 is small (<= ``SMALL_W13``, 1M elements: small-moe's
+    0.8M, where the unit stays 13 % faster at 16 tokens); stage 2 up to ``GEMV_ROWS_S2_SWAP`` = 1.2 where the swapped
+    tiles serve (Qwen3-235B at 8 tokens, 1.27 rows: 0.501 against 0.516 ms; Kimi-K2 ep8 at 1.08 / 1.17 rows stays a
+    weight stream, 3 % faster there).
 ``GEMV`` (bf16 and per-tensor fp8, both stages; :mod:`.gemv`) -- the weight-stream units, one launch per stage with routing and
     combine inside, for decode: an active expert sees about one row, so every tile above is mostly padding and
     the CUTLASS path pays five launches around a weight stream (eight when measured). Measured on the H200
     against the tiles, stage by stage, on six shapes at 1-128 tokens (bench/results/moe-sweep-gemv-h200.json),
     with m = expected rows per *active* expert:
+    (the ranges below are the CuTe DSL variant's, whose tiles have no swapped operands; bf16 and fp8 take the narrower
+    ones given under SWAP16 / SWAP32 above)
     stage 1 while m <= ``GEMV_ROWS_S1`` (1.2; Kimi-K2 at 16 tokens, m = 1.17: the unit 1-3 % faster), or m <=
     ``GEMV_ROWS_S1_SHORT`` (1.6) while the tile's K loop is short (hidden <= ``SHORT_HIDDEN`` = 2048: 16 k-tiles of
     128; Qwen3-30B at m = 1.27 / 1.58: 5 / 1-4 % faster, where Qwen3-235B with hidden 4096 is 0-4 % slower), or
@@ -122,7 +142,7 @@ import math
 from typing import Any, Mapping
 
 from .gemv import MoEGemv1, MoEGemv2, is_gemv
-from .instances import MoEStage1, MoEStage2
+from .instances import MoEStage1, MoEStage1Swap, MoEStage2, MoEStage2Swap
 
 SMALL_INTER_DIM = 256
 """Stage 2 uses the SMALL_K tile when inter_dim <= this (upstream CK's threshold too)."""
@@ -138,14 +158,20 @@ SMALL_K_ROWS = 48
 MEDIUM_ROWS = 128
 SM_COUNT = 132  # H100 SXM; only used to judge "enough tiles", not a correctness input
 GEMV_ROWS_S1 = 1.2
-"""Stage 1 is the GEMV unit while the expected rows per active expert are <= this (bf16, fp8) ..."""
+"""Stage 1 is the GEMV unit while the expected rows per active expert are <= this (the CuTe DSL variant; bf16 and
+fp8, whose tiles include the swapped-operand ones: GEMV_ROWS_S1_SWAP) ..."""
+GEMV_ROWS_S1_SWAP = 1.05
 GEMV_ROWS_S1_SHORT = 1.6
-"""... or <= this while the tile's K loop is short (hidden <= SHORT_HIDDEN) ..."""
+"""... or <= this while the tile's K loop is short (hidden <= SHORT_HIDDEN; with swapped-operand tiles: while an
+expert's W13 is small, 2 * inter_dim * hidden <= SMALL_W13 elements) ..."""
 SHORT_HIDDEN = 2048
+SMALL_W13 = 1 << 20
 GEMV_ROWS_FEW = 4.5
 """... or <= this while the stage's tile grid is small (<= FEW_TILES tiles)."""
 GEMV_ROWS_S2 = 1.5
-"""Stage 2 is the GEMV unit while the expected rows per active expert are <= this (bf16, fp8) ..."""
+"""Stage 2 is the GEMV unit while the expected rows per active expert are <= this (bf16, fp8; GEMV_ROWS_S2_SWAP where
+stage 2 takes the swapped-operand tiles, inter_dim >= SWAP_MIN_K2) ..."""
+GEMV_ROWS_S2_SWAP = 1.2
 GEMV_ROWS_S2_SHORT = 2.0
 """... or <= this while the tile GEMM is short (inter_dim <= SMALL_INTER_DIM) or its grid small."""
 FEW_TILES = 3 * SM_COUNT
@@ -181,11 +207,29 @@ def tiles(dtype: str) -> dict[str, dict[str, Any]]:
     }
     out["DECODE_N256"] = dict(tile_m=64, tile_n=256, tile_k=_k(dtype, 64), schedule="pingpong")
     out["WIDE"] = dict(tile_m=128, tile_n=192, tile_k=_k(dtype, 64), schedule="cooperative")
+    # swapped operands (weights as A): tile_m covers 128 output columns, tile_n the rows
+    out["SWAP16"] = dict(tile_m=128, tile_n=16, tile_k=_k(dtype, 128), schedule="cooperative")
+    out["SWAP32"] = dict(tile_m=128, tile_n=32, tile_k=_k(dtype, 128), schedule="cooperative")
     return out
 
 
-STAGE1_ROLES = ("DECODE_N64", "DECODE_N128", "DECODE_N256", "MEDIUM", "WIDE", "LARGE")
-STAGE2_ROLES = ("DECODE_N64", "DECODE_N128", "DECODE_N256", "MEDIUM", "LARGE", "SMALL_K")
+SWAP_ROLES = ("SWAP16", "SWAP32")
+SWAP16_ROWS = 8
+"""Swapped-operand tiles: 16 rows wide up to this many expected rows per active expert ..."""
+SWAP_ROWS = 32
+"""... 32 wide up to this many (then the 64-row tiles)."""
+SWAP_MIN_K2 = 1024
+"""Stage 2 takes them only where its K (inter_dim) is at least this (short K loops measured slower with them)."""
+
+
+def make(stage: int, dtype: str, r: str):
+    """The instance of tile role ``r`` (not GEMV) for ``stage`` of ``dtype``."""
+    cls = ((MoEStage1Swap, MoEStage2Swap) if r in SWAP_ROLES else (MoEStage1, MoEStage2))[stage - 1]
+    return cls(dtype=dtype, **tiles(dtype)[r])
+
+
+STAGE1_ROLES = ("SWAP16", "SWAP32", "DECODE_N64", "DECODE_N128", "DECODE_N256", "MEDIUM", "WIDE", "LARGE")
+STAGE2_ROLES = ("SWAP16", "SWAP32", "DECODE_N64", "DECODE_N128", "DECODE_N256", "MEDIUM", "LARGE", "SMALL_K")
 N256_ROWS_S1 = 40
 """bf16 stage 1 takes the 64x256 tile above this many rows per expert ..."""
 N256_MAX_S1 = 512
@@ -219,6 +263,8 @@ def roles(stage: int, dtype: str, dsl: bool = False) -> list[str]:
         out.remove("DECODE_N256")
     if "WIDE" in out and dsl:  # no DSL tile of 128x192
         out.remove("WIDE")
+    if dsl:  # no DSL tiles with swapped operands
+        out = [r for r in out if r not in SWAP_ROLES]
     return out
 
 
@@ -238,9 +284,8 @@ def decode_rows(dtype: str, dsl: bool = False) -> int:
 def candidates(dtype: str, gemv: bool = True, dsl: bool = False) -> list:
     """Every instance ``select`` can return for ``dtype`` (``gemv``: with the weight-stream units, bf16 and fp8;
     ``dsl``: the thresholds of the CuTe DSL tiles)."""
-    t = tiles(dtype)
-    out: list = [MoEStage1(dtype=dtype, **t[r]) for r in roles(1, dtype, dsl)]
-    out += [MoEStage2(dtype=dtype, **t[r]) for r in roles(2, dtype, dsl)]
+    out: list = [make(1, dtype, r) for r in roles(1, dtype, dsl)]
+    out += [make(2, dtype, r) for r in roles(2, dtype, dsl)]
     if gemv and dtype in GEMV_DTYPES:
         out += [GEMV[(dtype, 1)], GEMV[(dtype, 2)], GEMV_GROUPED[dtype]]
     return out
@@ -262,15 +307,18 @@ def rows_per_active_expert(p: Mapping[str, Any]) -> float:
     return rows_per_expert(p) * p["experts"] / max(active_experts(p), 1e-9)
 
 
-def use_gemv(stage: int, p: Mapping[str, Any]) -> bool:
-    """Whether ``stage`` takes the weight-stream unit (bf16, fp8; see the module docstring for the measurements)."""
+def use_gemv(stage: int, p: Mapping[str, Any], swap: bool = True) -> bool:
+    """Whether ``stage`` takes the weight-stream unit (bf16, fp8; see the module docstring for the measurements);
+    ``swap``: the tiles beside it include the swapped-operand ones (not the CuTe DSL variant's)."""
     m = rows_per_active_expert(p)
     n = 2 * p["inter_dim"] if stage == 1 else p["hidden"]
     few = active_experts(p) * math.ceil(n / 128) <= FEW_TILES
     if stage == 1:
-        return (m <= GEMV_ROWS_S1 or (p["hidden"] <= SHORT_HIDDEN and m <= GEMV_ROWS_S1_SHORT)
+        short = 2 * p["inter_dim"] * p["hidden"] <= SMALL_W13 if swap else p["hidden"] <= SHORT_HIDDEN
+        return (m <= (GEMV_ROWS_S1_SWAP if swap else GEMV_ROWS_S1) or (short and m <= GEMV_ROWS_S1_SHORT)
                 or (few and m <= GEMV_ROWS_FEW))
-    return m <= GEMV_ROWS_S2 or ((few or p["inter_dim"] <= SMALL_INTER_DIM) and m <= GEMV_ROWS_S2_SHORT)
+    s2 = GEMV_ROWS_S2_SWAP if swap and p["inter_dim"] >= SWAP_MIN_K2 else GEMV_ROWS_S2
+    return m <= s2 or ((few or p["inter_dim"] <= SMALL_INTER_DIM) and m <= GEMV_ROWS_S2_SHORT)
 
 
 def use_grouped(p: Mapping[str, Any]) -> bool:
@@ -279,9 +327,14 @@ def use_grouped(p: Mapping[str, Any]) -> bool:
             and active_experts(p) * p["hidden"] * p["inter_dim"] <= GROUPED_ELEMS)
 
 
+def use_swap(stage: int, p: Mapping[str, Any]) -> bool:
+    """Whether a stage past the weight-stream units takes a swapped-operand tile (see the module docstring)."""
+    return rows_per_active_expert(p) <= SWAP_ROWS and (stage == 1 or p["inter_dim"] >= SWAP_MIN_K2)
+
+
 def role(stage: int, p: Mapping[str, Any], dtype: str = "bf16", gemv: bool = True, dsl: bool = False) -> str:
     m = rows_per_expert(p)
-    if gemv and dtype in GEMV_DTYPES and use_gemv(stage, p):
+    if gemv and dtype in GEMV_DTYPES and use_gemv(stage, p, swap=not dsl):
         return "GEMV"
     if gemv and dtype in GEMV_DTYPES and stage == 2 and use_grouped(p):
         return "GEMV_GROUPED"
@@ -289,6 +342,8 @@ def role(stage: int, p: Mapping[str, Any], dtype: str = "bf16", gemv: bool = Tru
         if m <= DECODE_ROWS_OTHER or (stage == 2 and p["inter_dim"] <= SMALL_INTER_DIM):
             return "DECODE_N128"
         return "MEDIUM" if m <= MEDIUM_ROWS else "LARGE"
+    if "SWAP16" in roles(stage, dtype, dsl) and use_swap(stage, p):
+        return "SWAP16" if rows_per_active_expert(p) <= SWAP16_ROWS else "SWAP32"
     dr = decode_rows(dtype, dsl)
     n256 = "DECODE_N256" in roles(stage, dtype, dsl)
     if n256 and stage == 1 and use_n256(1, p, dsl):  # past the decode range too (up to N256_MAX_S1)
@@ -309,12 +364,11 @@ def role(stage: int, p: Mapping[str, Any], dtype: str = "bf16", gemv: bool = Tru
 
 
 def select(dtype: str, p: Mapping[str, Any], gemv: bool = True, dsl: bool = False) -> dict:
-    t = tiles(dtype)
     out = {}
-    for stage, cls in ((1, MoEStage1), (2, MoEStage2)):
+    for stage in (1, 2):
         r = role(stage, p, dtype, gemv, dsl)
         out[f"stage{stage}"] = (GEMV[(dtype, stage)] if r == "GEMV" else GEMV_GROUPED[dtype] if r == "GEMV_GROUPED"
-                                else cls(dtype=dtype, **t[r]))
+                                else make(stage, dtype, r))
     return out
 
 
@@ -333,6 +387,10 @@ def rules(dr: int) -> dict[str, str]:
         "WIDE": ("stage 1 with rows per expert > %d (past the 256-wide tile's range) where 2 * inter_dim is not a "
                  "multiple of 256, and for bf16 also up to %d rows" % (max(dr, MEDIUM_ROWS), WIDE_MAX_ROWS)),
         "SMALL_K": "stage 2 with inter_dim <= %d and rows per expert > %d" % (SMALL_INTER_DIM, min(dr, SMALL_K_ROWS)),
+        "SWAP16": ("past the weight-stream units' range with rows per active expert <= %d (stage 2: inter_dim >= %d): "
+                   "swapped operands, 16-row tiles" % (SWAP16_ROWS, SWAP_MIN_K2)),
+        "SWAP32": ("%d < rows per active expert <= %d (stage 2: inter_dim >= %d): swapped operands, 32-row tiles"
+                   % (SWAP16_ROWS, SWAP_ROWS, SWAP_MIN_K2)),
     }
 
 
@@ -342,6 +400,8 @@ def role_of(inst) -> str:
     extra = ({"occupancy": inst.occupancy, "consumers": inst.consumers} if hasattr(inst, "occupancy")
              else {})  # the DSL tiles' own fields
     for r, params in tiles(inst.dtype).items():
+        if (r in SWAP_ROLES) != bool(getattr(inst, "swap", False)):
+            continue
         probe = type(inst)(dtype=inst.dtype, **params, **extra)
         if probe == inst:
             return r
@@ -363,12 +423,18 @@ def rule(inst) -> str:
                 f"the per-token unit's range) and the active experts' W2 at most {GROUPED_ELEMS >> 20}M elements "
                 f"(small stage-2 weights: the tile path's launches cost more than its stream)")
     if r == "GEMV":
+        dsl = getattr(inst, "backend", "") == "dsl"
         if inst.stage == 1:
-            when = (f"<= {GEMV_ROWS_S1:g} expected rows per active expert, or <= {GEMV_ROWS_S1_SHORT:g} with hidden "
-                    f"<= {SHORT_HIDDEN}, or <= {GEMV_ROWS_FEW:g} with at most {FEW_TILES} tiles of 64x128")
+            when = ((f"<= {GEMV_ROWS_S1:g} expected rows per active expert, or <= {GEMV_ROWS_S1_SHORT:g} with hidden "
+                     f"<= {SHORT_HIDDEN}") if dsl else
+                    (f"<= {GEMV_ROWS_S1_SWAP:g} expected rows per active expert, or <= {GEMV_ROWS_S1_SHORT:g} with an "
+                     f"expert's W13 at most {SMALL_W13 >> 20}M elements"))
+            when += f", or <= {GEMV_ROWS_FEW:g} with at most {FEW_TILES} tiles of 64x128"
         else:
-            when = (f"<= {GEMV_ROWS_S2:g} expected rows per active expert, or <= {GEMV_ROWS_S2_SHORT:g} with "
-                    f"inter_dim <= {SMALL_INTER_DIM} or at most {FEW_TILES} output tiles")
+            when = (f"<= {GEMV_ROWS_S2:g} expected rows per active expert" + (
+                    "" if dsl else f" ({GEMV_ROWS_S2_SWAP:g} with inter_dim >= {SWAP_MIN_K2})") +
+                    f", or <= {GEMV_ROWS_S2_SHORT:g} with inter_dim <= {SMALL_INTER_DIM} or at most {FEW_TILES} "
+                    f"output tiles")
         return (f"stage {inst.stage}, GEMV: {inst.dtype} with {when} (decode: one launch, weights streamed; the tiles "
                 f"would be mostly padding)")
     if inst.dtype == "fp8b128":

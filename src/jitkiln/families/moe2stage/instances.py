@@ -45,6 +45,7 @@ class MoEGemm(Instance):
 
     family: ClassVar[str] = "moe2stage"
     stage: ClassVar[int] = 0
+    swap: ClassVar[bool] = False  # operands swapped (weights as the GEMM's A): the _Swap classes below
 
     dtype: str  # element type of A and B: bf16 | fp8 (e4m3, per-tensor scales) | fp8b128 (e4m3, 128-block scales)
     tile_m: int
@@ -100,3 +101,40 @@ class MoEStage2(MoEGemm):
 
     stage: ClassVar[int] = 2
     abi: ClassVar[CAbi] = STAGE2_ABI
+
+
+class _Swap:
+    """Swapped operands (bf16, fp8): the weights are the GEMM's A and an expert's routed rows its B, so the problem
+    per expert is (N, M_e, K) and ``tile_n`` is the rows tile, which can be as small as wgmma's N allows (8-256 in
+    steps of 8) instead of wgmma's M of 64: at a few rows per expert the tile is not mostly padding, its smem stage
+    is mostly weights (more of them in flight), and its output is written column-major ([rows, N] in memory, as
+    the plain tiles write it). The name ends in ``_swap`` and the parameters carry ``operands: "swap"``."""
+
+    swap: ClassVar[bool] = True
+
+    def __post_init__(self):
+        super().__post_init__()  # type: ignore[misc]
+        if self.dtype not in ("bf16", "fp8"):  # type: ignore[attr-defined]
+            raise ValueError("swapped-operand tiles are bf16 or fp8 (fp8b128's blockwise scales are not symmetric)")
+        n = self.tile_n  # type: ignore[attr-defined]
+        if n % 8 or not 8 <= n <= 256:
+            raise ValueError(f"swapped-operand tiles: tile_n (the rows tile) must be 8-256 in steps of 8, got {n}")
+
+    @property
+    def name(self) -> str:
+        return super().name + "_swap"  # type: ignore[misc]
+
+    def params(self):
+        d = super().params()  # type: ignore[misc]
+        d["operands"] = "swap"
+        return d
+
+
+@dataclass(frozen=True)
+class MoEStage1Swap(_Swap, MoEStage1):
+    """Stage 1 with swapped operands (see :class:`_Swap`)."""
+
+
+@dataclass(frozen=True)
+class MoEStage2Swap(_Swap, MoEStage2):
+    """Stage 2 with swapped operands (see :class:`_Swap`)."""
