@@ -159,8 +159,6 @@ def main():
                     help="also time bf16-dsl (CuTe DSL grouped GEMM), loaded from this cache (scripts/moe_dsl_load.py)")
     ap.add_argument("--sweep", default="", help="token counts at which every candidate of each stage is timed")
     ap.add_argument("--profile", default="", help="shape:tokens,... rows to break down per kernel")
-    ap.add_argument("--pdl-ab", action="store_true",
-                    help="also time the bf16 path launched with programmatic dependent launch (JITKILN_MOE_PDL=1)")
     ap.add_argument("--json")
     ap.add_argument("--md")
     a = ap.parse_args()
@@ -267,14 +265,6 @@ def main():
                       f"K{cfg['BLOCK_SIZE_K']}) vs jitkiln {res['jitkiln_ms']:.4f} ms: x{res['vs_vllm']:.2f}, "
                       f"rel diff {res['vllm_rel_diff_vs_jitkiln']:.1e}", flush=True)
                 del cch, vouts
-            if a.pdl_ab:  # the same path launched with PDL (JITKILN_MOE_PDL=1, read at each launch): A/B
-                os.environ["JITKILN_MOE_PDL"] = "1"
-                try:
-                    res["pdl_ms"], _ = time_graph(jk, range(n_in), a.reps)
-                finally:
-                    os.environ.pop("JITKILN_MOE_PDL", None)
-                res["pdl_gain"] = res["jitkiln_ms"] / res["pdl_ms"]
-                print(f"   with PDL {res['pdl_ms']:.4f} ms: PDL x{res['pdl_gain']:.3f}", flush=True)
             if mod8 is not None:
                 j8 = lambda i: fused_moe(xs[i], q13, q2, rts[i][1], rts[i][0], out=outs[i], module=mod8, ep=ep,  # noqa
                                          a_scale=a1, w13_scale=s13, a2_scale=a2, w2_scale=s2)

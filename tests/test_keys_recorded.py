@@ -7,8 +7,8 @@ unit keys and source digests of demo, moe2stage and ck2stages plans, and an entr
 The moe2stage entries were written again (same fingerprint, same plans) when the kernels' text changed on purpose:
 on 2026-11-30 every CUTLASS unit's stage-1 routing and GEMM setup became one launch (the shared setup and scan
 code changed stage 2's text too) and the tile sets moved (fp8's 64x256 tile, the 128x192 stage-1 tile), after the
-weight-stream units and the 64x256 tile had been added, and again when every launch became a programmatic dependent
-launch and the swapped-operand tiles were added (same day); the demo, ck2stages and entry-key records are still the
+weight-stream units and the 64x256 tile had been added, and again when the swapped-operand tiles joined (same day:
+new units only; every other unit's key is unchanged); the demo, ck2stages and entry-key records are still the
 pre-restructuring ones.
 """
 from __future__ import annotations

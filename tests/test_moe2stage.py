@@ -253,22 +253,9 @@ def test_render_c_abi_no_torch(fam):
                 # stage 1: routing and the GEMM's setup in one block while the counts fit in shared memory and the
                 # pairs are few; else memset, count, scan and setup launches (E > 8192 or n > 16384)
                 one = ("const bool one = E <= kRouteE && n <= kRouteN;" in src
-                       and "pdl_launch(route_groups, 1, 1024, stream," in src and "count_rows<<<" in src
-                       and "if (!one && (err = pdl_launch(setup_groups," in src)
+                       and "route_groups<<<1, 1024, 0, stream>>>" in src and "count_rows<<<" in src
+                       and "if (!one)\n    setup_groups<<<" in src)
                 assert one == (inst.stage == 1), inst.name
-                # every launch but the fallback routing is a programmatic dependent launch whose kernel waits for the
-                # previous grid before anything else; the GEMM runs behind that wait in its wrapper
-                pdl = re.findall(r"pdl_launch\((\w+),", src)
-                assert pdl == (["route_groups", "gather_rows", "setup_groups", "activate_rows"] if inst.stage == 1
-                               else ["setup_groups", "combine_rows"]), (inst.name, pdl)
-                assert re.findall(r"(\w+)<<<", src) == (["count_rows", "scan_counts"] if inst.stage == 1 else [])
-                assert src.count("run_gemm(gemm, stream)") == 1 and "gemm.run(" not in src
-                for kern in set(pdl) | {"gemm_after"}:
-                    body = src[re.search(rf"__global__ void[^{{;]*?\b{kern}\(", src).end():]
-                    body = body[body.index(") {") + 3:]
-                    first = [ln.strip() for ln in body.splitlines() if ln.strip() and "__shared__" not in ln
-                             and not ln.strip().startswith("//")][0]
-                    assert first == "pdl_enter();", (inst.name, kern, first)
 
 
 def test_compile_spec(fam):

@@ -80,7 +80,9 @@ Tiles (M x N x K; schedule; cluster) and why each exists:
     than the weight-stream unit on Kimi-K2 at 16 tokens (1.17 rows); stage 2 1-2.3 % faster on Qwen3-235B and Kimi-K2
     ep8 (inter_dim 1536 / 2048), 2-7 % slower on Kimi-K2 tp8 and small-moe (inter_dim 256 / 192: a K loop of two
     k-tiles), even on Qwen3-30B (768); 16 vs 32 rows within 1 % where both fit. With them the weight-stream units'
-    ranges moved (bench/results/moe-sweep-swap-h200.json, 8 / 16 / 1024 tokens): stage 1 up to
+    ranges moved (bench/results/moe-sweep-swap-h200.json, 8 / 16 / 1024 tokens, taken with a programmatic-dependent-
+    launch build since removed, whose 64-row ping-pong times at 64+ rows per expert are 9-29 % slow; the comparisons
+    used here are at 1-2 rows): stage 1 up to
     ``GEMV_ROWS_S1_SWAP`` = 1.05 rows (Kimi-K2 ep8 at 16 tokens, 1.17 rows: 0.281 against 0.305 ms; Qwen3-30B at 8 /
     16 tokens 3-6 %), and up to 1.6 only where an expert's W13 is small (<= ``SMALL_W13``, 1M elements: small-moe's
     0.8M, where the unit stays 13 % faster at 16 tokens); stage 2 up to ``GEMV_ROWS_S2_SWAP`` = 1.2 where the swapped

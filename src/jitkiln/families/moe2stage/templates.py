@@ -46,17 +46,6 @@ No host synchronisation happens inside either launcher: the per-expert row count
 the grouped GEMM reads its problem shapes from device memory (CUTLASS ptr-array, no host problem shapes) and
 the persistent grid is sized by the SM count, so both stages can be captured in a CUDA graph.
 
-Launches (CUTLASS units): route_groups (or, past its limits, a memset and the count / scan kernels), gather,
-grouped GEMM, activation (stage 1); setup, grouped GEMM, combine (stage 2). Every kernel's first instruction
-waits for the whole previous grid and its memory (``griddepcontrol.wait``) and then lets the next kernel launch,
-and the grouped GEMM runs inside a small wrapper kernel that adds that wait (CUTLASS's sm90 ptr-array kernels have
-none), so each launch *can* be a programmatic dependent launch (PDL: the next kernel's blocks scheduled while the
-one before drains). It is off by default: measured on the H200 (bench/results/moe-perf-pdl-h200.json, the same
-graphs timed with and without it in one process) it gained 0-3 % on the decode rows and lost 8-26 % on the 64-row
-ping-pong tiles at 512-2048 tokens (Qwen3-235B at 2048 tokens 2.26 against 1.66 ms). ``JITKILN_MOE_PDL=1`` in the
-environment (read at each launch) turns it on (``bench/moe_perf.py --pdl-ab`` times both); without the attribute
-the wait and the trigger do nothing.
-
 Swapped-operand instances (``swap``, bf16 / fp8) give the weights to the GEMM's A and the expert's rows to its
 B (problem (N, M_e, K) per expert) and write D column-major, which is the same [rows, N] memory: only the
 problem shape, the pointers and strides and D's layout differ from the plain unit (:data:`SETUP_PTRS`).
@@ -158,8 +147,6 @@ _PRELUDE = (
     ),
     r"""#include <cstdint>
 #include <cstddef>
-#include <cstdlib>
-#include <utility>
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -263,79 +250,6 @@ static int sm_count() {
   return cached[dev];
 }
 
-// Programmatic dependent launch (PDL), off unless JITKILN_MOE_PDL=1 (measured slower for the ping-pong tiles at
-// 512-2048 tokens; the module docstring): with it every launch of a unit but the fallback routing ones carries the
-// attribute, so a kernel's blocks are scheduled while the kernel before it drains; each kernel waits
-// (griddepcontrol.wait, its first instruction: the whole previous grid and its memory) before it reads anything,
-// then lets the next kernel launch (launch_dependents). Without the attribute both instructions do nothing.
-__device__ __forceinline__ void pdl_enter() {
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-}
-
-static bool pdl_on() {
-  const char* v = getenv("JITKILN_MOE_PDL");
-  return v && v[0] == '1' && v[1] == 0;
-}
-
-template <class... P, class... A>
-static cudaError_t pdl_launch(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream, A&&... args) {
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl_on() ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
-}
-
-// The grouped GEMM behind the PDL wait (CUTLASS's sm90 ptr-array kernels have none of their own): CUTLASS's
-// device_kernel with pdl_enter() first, launched like GemmUniversalAdapter::run launches it (grid, block, smem,
-// cluster) plus the PDL attribute.
-__global__ void __launch_bounds__(GemmKernel::MaxThreadsPerBlock, GemmKernel::MinBlocksPerMultiprocessor)
-gemm_after(CUTLASS_GRID_CONSTANT typename GemmKernel::Params const params) {
-  pdl_enter();
-  extern __shared__ char smem[];
-  GemmKernel op;
-  op(params, smem);
-}
-
-static cudaError_t run_gemm(const Gemm& gemm, cudaStream_t stream) {
-  typename GemmKernel::Params const& params = gemm.params();
-  const int smem = GemmKernel::SharedStorageSize;
-  cudaError_t e = cudaFuncSetAttribute(gemm_after, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);  // per device
-  if (e != cudaSuccess) return e;
-  // a cluster dimension only for clusters of more than one CTA, as CUTLASS launches them: a 1x1 cluster launch
-  // measured 9-29 % slower on the H200 for 64-row ping-pong tiles at 64-256 rows per expert
-  constexpr int kCluster = cute::size(ClusterShape{});
-  cudaLaunchAttribute attr[2];
-  int n = 0;
-  if (kCluster > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = cute::size<0>(ClusterShape{});
-    attr[n].val.clusterDim.y = cute::size<1>(ClusterShape{});
-    attr[n].val.clusterDim.z = 1;
-    ++n;
-  }
-  if (pdl_on()) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n].val.programmaticStreamSerializationAllowed = 1;
-    ++n;
-  }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = GemmKernel::get_grid_shape(params);
-  cfg.blockDim = GemmKernel::get_block_shape();
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = n;
-  return cudaLaunchKernelEx(&cfg, gemm_after, params);
-}
-
 // bump allocator over the caller's workspace (256-byte aligned pieces)
 struct Bump {
   char* base; size_t off;
@@ -407,7 +321,6 @@ __device__ void setup_one(const GemmArrays& g, const int32_t* __restrict__ offse
 // One thread per expert: setup_one for every expert (stage 2; stage 1 past route_groups' limits).
 __global__ void setup_groups(GemmArrays g, const int32_t* __restrict__ offsets, int E, int N, int K,
                              const ElementA* A, const ElementB* B, ElementD* D, const float* s1, const float* s2) {
-  pdl_enter();
   int e = blockIdx.x * blockDim.x + threadIdx.x;
   if (e < E) setup_one(g, offsets, e, N, K, A, B, D, s1, s2);
 }
@@ -587,7 +500,6 @@ __global__ void __launch_bounds__(1024) route_groups(const int32_t* __restrict__
                                                      const float* s2) {
   __shared__ int32_t cnt[kRouteE];
   __shared__ int32_t part[1024];
-  pdl_enter();
   route_block(ids, n, E, rank, offsets, cnt, part);
   __syncthreads();  // every expert's offsets written
   for (int e = threadIdx.x; e < E; e += 1024) setup_one(g, offsets, e, N, K, A, B, D, s1, s2);
@@ -600,7 +512,6 @@ __global__ void gather_rows(const __nv_bfloat16* __restrict__ x, const int32_t* 
                             const int32_t* __restrict__ offsets, int topk, int H,
                             const float* __restrict__ a_scale, int32_t* __restrict__ sorted_pos,
                             float* __restrict__ w_sorted, ElementA* __restrict__ xs) {
-  pdl_enter();
   int i = blockIdx.x;
   int r = rank[i];
   if (r < 0) { if (threadIdx.x == 0) sorted_pos[i] = -1; return; }
@@ -632,7 +543,6 @@ __global__ void gather_rows(const void* __restrict__ x, const float* __restrict_
                             int32_t* __restrict__ sorted_pos, float* __restrict__ w_sorted,
                             int32_t* __restrict__ e_sorted, ElementA* __restrict__ xs,
                             float* __restrict__ xs_scale) {
-  pdl_enter();
   int i = blockIdx.x;
   int r = rank[i];
   if (r < 0) { if (threadIdx.x == 0) sorted_pos[i] = -1; return; }
@@ -676,7 +586,6 @@ __device__ __forceinline__ float act_fn(float g, int activation) {
 __global__ void activate_rows(const cutlass::bfloat16_t* __restrict__ h, const int32_t* __restrict__ offsets,
                               int E, int I, const float* __restrict__ w_sorted, int activation,
                               const float* __restrict__ a2_scale, ElementA* __restrict__ out) {
-  pdl_enter();
   int pos = blockIdx.x;
   if (pos >= offsets[E]) return;
   float w = w_sorted[pos];
@@ -699,7 +608,6 @@ __global__ void activate_rows(const cutlass::bfloat16_t* __restrict__ h, const i
 __global__ void activate_rows(const cutlass::bfloat16_t* __restrict__ h, const int32_t* __restrict__ offsets,
                               int E, int I, const float* __restrict__ w_sorted, const int32_t* __restrict__ e_sorted,
                               int activation, ElementA* __restrict__ out, float* __restrict__ out_scale) {
-  pdl_enter();
   int pos = blockIdx.x;
   if (pos >= offsets[E]) return;
   int e = e_sorted[pos];
@@ -788,43 +696,44 @@ extern "C" __attribute__((visibility("default"))) const char* jk_name_@@digest16
     ),
     r"""  const bool one = E <= kRouteE && n <= kRouteN;  // routing and GEMM setup in one launch, else five
   if (one) {
-    err = pdl_launch(route_groups, 1, 1024, stream, topk_ids, n, E, rank, expert_offsets, g, 2 * I, H, xs,
-                 static_cast<const ElementB*>(w13), h, s1, w_scale);
-    if (err != cudaSuccess) return int(err);
+    route_groups<<<1, 1024, 0, stream>>>(topk_ids, n, E, rank, expert_offsets, g, 2 * I, H, xs,
+                                         static_cast<const ElementB*>(w13), h, s1, w_scale);
   } else {
     if ((err = cudaMemsetAsync(counts, 0, sizeof(int32_t) * E, stream)) != cudaSuccess) return int(err);
     count_rows<<<(n + 255) / 256, 256, 0, stream>>>(topk_ids, n, E, counts, rank);
     scan_counts<<<1, 1024, 0, stream>>>(counts, E, expert_offsets);
-    if ((err = cudaGetLastError()) != cudaSuccess) return int(err);
   }
 """,
     (  # bf16 / fp8 | fp8b128
-        r"""  err = pdl_launch(gather_rows, n, 128, stream, static_cast<const __nv_bfloat16*>(x), topk_ids, topk_w, rank,
-               expert_offsets, topk, H, a_scale, sorted_pos, w_sorted, xs);
-  if (err != cudaSuccess) return int(err);
+        r"""  gather_rows<<<n, 128, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), topk_ids, topk_w, rank,
+                                     expert_offsets, topk, H, a_scale, sorted_pos, w_sorted, xs);
 """,
-        r"""  err = pdl_launch(gather_rows, n, 128, stream, x, a_scale, topk_ids, topk_w, rank, expert_offsets, topk, H,
-               sorted_pos, w_sorted, e_sorted, xs, xs_scale);
-  if (err != cudaSuccess) return int(err);
+        r"""  gather_rows<<<n, 128, 0, stream>>>(x, a_scale, topk_ids, topk_w, rank, expert_offsets, topk, H, sorted_pos,
+                                     w_sorted, e_sorted, xs, xs_scale);
 """,
     ),
-    r"""  if (!one && (err = pdl_launch(setup_groups, (E + 127) / 128, 128, stream, g, expert_offsets, E, 2 * I, H, xs,
-                            static_cast<const ElementB*>(w13), h, s1, w_scale)) != cudaSuccess)
-    return int(err);
+    r"""  if (!one)
+    setup_groups<<<(E + 127) / 128, 128, 0, stream>>>(g, expert_offsets, E, 2 * I, H, xs,
+                                                       static_cast<const ElementB*>(w13), h, s1, w_scale);
+  if ((err = cudaGetLastError()) != cudaSuccess) return int(err);
   Gemm gemm;
   cutlass::Status st = gemm.can_implement(args);
   if (st != cutlass::Status::kSuccess) return kStatusBase + int(st);
   st = gemm.initialize(args, gws, stream);
   if (st != cutlass::Status::kSuccess) return kStatusBase + int(st);
-  if ((err = run_gemm(gemm, stream)) != cudaSuccess) return int(err);
+  st = gemm.run(stream);
+  if (st != cutlass::Status::kSuccess) return kStatusBase + int(st);
+  if ((err = cudaGetLastError()) != cudaSuccess) return int(err);
 """,
     (  # bf16 / fp8 | fp8b128
-        r"""  return int(pdl_launch(activate_rows, n, 128, stream, h, expert_offsets, E, I, w_sorted, activation, a2_scale,
-                    static_cast<ElementA*>(act_out)));
+        r"""  activate_rows<<<n, 128, 0, stream>>>(h, expert_offsets, E, I, w_sorted, activation, a2_scale,
+                                      static_cast<ElementA*>(act_out));
+  return int(cudaGetLastError());
 }
 """,
-        r"""  return int(pdl_launch(activate_rows, n, 128, stream, h, expert_offsets, E, I, w_sorted, e_sorted, activation,
-                    static_cast<ElementA*>(act_out), const_cast<float*>(a2_scale)));
+        r"""  activate_rows<<<n, 128, 0, stream>>>(h, expert_offsets, E, I, w_sorted, e_sorted, activation,
+                                      static_cast<ElementA*>(act_out), const_cast<float*>(a2_scale));
+  return int(cudaGetLastError());
 }
 """,
     ),
@@ -840,7 +749,6 @@ namespace jk {
 // out[t] = sum_k y[sorted_pos[t, k]]  (routing weights were applied to stage 2's input rows)
 __global__ void combine_rows(const ElementD* __restrict__ y, const int32_t* __restrict__ sorted_pos,
                              int topk, int H, __nv_bfloat16* __restrict__ out) {
-  pdl_enter();
   int t = blockIdx.x;
   const int32_t* sp = sorted_pos + int64_t(t) * topk;
   for (int j = threadIdx.x; j < H / 8; j += blockDim.x) {
@@ -897,18 +805,21 @@ extern "C" __attribute__((visibility("default"))) const char* jk_name_@@digest16
   if (workspace_bytes && *workspace_bytes < b.off) return int(cudaErrorInvalidValue);
   if (T == 0) return 0;
   cudaError_t err;
-  if ((err = pdl_launch(setup_groups, (E + 127) / 128, 128, stream, g, expert_offsets, E, H, I,
-                    static_cast<const ElementA*>(act), static_cast<const ElementB*>(w2), y, a2_scale,
-                    w2_scale)) != cudaSuccess)
-    return int(err);
+  setup_groups<<<(E + 127) / 128, 128, 0, stream>>>(g, expert_offsets, E, H, I,
+                                                     static_cast<const ElementA*>(act),
+                                                     static_cast<const ElementB*>(w2), y, a2_scale, w2_scale);
+  if ((err = cudaGetLastError()) != cudaSuccess) return int(err);
   Gemm gemm;
   cutlass::Status st = gemm.can_implement(args);
   if (st != cutlass::Status::kSuccess) return kStatusBase + int(st);
   st = gemm.initialize(args, gws, stream);
   if (st != cutlass::Status::kSuccess) return kStatusBase + int(st);
-  if ((err = run_gemm(gemm, stream)) != cudaSuccess) return int(err);
+  st = gemm.run(stream);
+  if (st != cutlass::Status::kSuccess) return kStatusBase + int(st);
+  if ((err = cudaGetLastError()) != cudaSuccess) return int(err);
   int threads = H / 8 >= 256 ? 256 : 128;
-  return int(pdl_launch(combine_rows, T, threads, stream, y, sorted_pos, topk, H, static_cast<__nv_bfloat16*>(out)));
+  combine_rows<<<T, threads, 0, stream>>>(y, sorted_pos, topk, H, static_cast<__nv_bfloat16*>(out));
+  return int(cudaGetLastError());
 }
 """,
 )
