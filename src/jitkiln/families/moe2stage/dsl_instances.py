@@ -10,20 +10,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .gemv import MoEGemv1, MoEGemv2
-from .instances import MoEGemm, MoEStage1, MoEStage2
+from .instances import Marked, MoEGemm, MoEStage1, MoEStage2
 
 
-class _Dsl:
+class _Dsl(Marked):
     backend: ClassVar[str] = "dsl"
-
-    @property
-    def name(self) -> str:
-        return super().name + "_dsl"  # type: ignore[misc]
-
-    def params(self):
-        d = super().params()  # type: ignore[misc]
-        d["backend"] = "dsl"
-        return d
+    mark: ClassVar[tuple[str, str, str]] = ("_dsl", "backend", "dsl")
 
 
 class _DslTile(_Dsl):

@@ -103,7 +103,23 @@ class MoEStage2(MoEGemm):
     abi: ClassVar[CAbi] = STAGE2_ABI
 
 
-class _Swap:
+class Marked:
+    """A mixin marking a kind of instance of one of the classes here: ``mark`` = (name suffix, parameter, value), so
+    names, digests, symbols and cache keys never collide with the plain kind's."""
+
+    mark: ClassVar[tuple[str, str, str]]
+
+    @property
+    def name(self) -> str:
+        return super().name + self.mark[0]  # type: ignore[misc]
+
+    def params(self):
+        d = super().params()  # type: ignore[misc]
+        d[self.mark[1]] = self.mark[2]
+        return d
+
+
+class _Swap(Marked):
     """Swapped operands (bf16, fp8): the weights are the GEMM's A and an expert's routed rows its B, so the problem
     per expert is (N, M_e, K) and ``tile_n`` is the rows tile, which can be as small as wgmma's N allows (8-256 in
     steps of 8) instead of wgmma's M of 64: at a few rows per expert the tile is not mostly padding, its smem stage
@@ -111,6 +127,7 @@ class _Swap:
     the plain tiles write it). The name ends in ``_swap`` and the parameters carry ``operands: "swap"``."""
 
     swap: ClassVar[bool] = True
+    mark: ClassVar[tuple[str, str, str]] = ("_swap", "operands", "swap")
 
     def __post_init__(self):
         super().__post_init__()  # type: ignore[misc]
@@ -119,15 +136,6 @@ class _Swap:
         n = self.tile_n  # type: ignore[attr-defined]
         if n % 8 or not 8 <= n <= 256:
             raise ValueError(f"swapped-operand tiles: tile_n (the rows tile) must be 8-256 in steps of 8, got {n}")
-
-    @property
-    def name(self) -> str:
-        return super().name + "_swap"  # type: ignore[misc]
-
-    def params(self):
-        d = super().params()  # type: ignore[misc]
-        d["operands"] = "swap"
-        return d
 
 
 @dataclass(frozen=True)
