@@ -61,9 +61,12 @@ def test_dsl_instances_have_their_own_names_symbols_and_keys():
     slots = fam.select("bf16-dsl", SHAPE)
     want = heuristic.select("bf16", SHAPE, dsl=True)
     assert {k: v.name for k, v in slots.items()} == {k: v.name + "_dsl" for k, v in want.items()}
-    small = {**SHAPE, "tokens": 512}  # where both thresholds agree: the same tiles, the DSL's own names
-    assert [i.name for i in fam.select("bf16-dsl", small).values()] == [
-        i.name + "_dsl" for i in fam.select("bf16", small).values()]
+    # where both pick the same tiles (prefill: LARGE; below it bf16 has tiles the DSL has not: the swapped-operand
+    # ones, 64x256 for stage 1, 128x192): the DSL's own names
+    big = {**SHAPE, "tokens": 65536}
+    assert [i.name for i in fam.select("bf16-dsl", big).values()] == [
+        i.name + "_dsl" for i in fam.select("bf16", big).values()]
+    assert fam.select("bf16-dsl", big)["stage1"].name.endswith("_128x256x64_cooperative_c2x1_dsl")
 
 
 def test_dsl_unit_text_carries_the_kernel_digest_and_params():
