@@ -453,4 +453,7 @@ def rule(inst) -> str:
     if inst.stage == 1 and r == "LARGE" and "WIDE" in roles(1, inst.dtype, dsl):
         text += " (and 2 * inter_dim a multiple of 256%s)" % (
             f"; bf16: above {WIDE_MAX_ROWS} rows" if inst.dtype == "bf16" else "")
+    if r.startswith("DECODE") and "SWAP16" in roles(inst.stage, inst.dtype, dsl):
+        text += " (past the swapped-operand tiles: above %d rows per active expert%s)" % (
+            SWAP_ROWS, "" if inst.stage == 1 else ", or inter_dim < %d" % SWAP_MIN_K2)
     return f"stage {inst.stage}, {r}: {text}"
