@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 from ...cutlass import cutlass_include_dirs
 from ...errors import ToolchainNotFound, UsageError
 from ...family import CompileSpec, Family, Instance, Packer, Problem, ShapeKey, register
-from . import heuristic
+from . import heuristic, rules
 from .dsl_instances import is_dsl, to_dsl
 from .dsl_templates import render_cuda_unit, render_dsl_unit
 from .gemv import MoEGemv, is_gemv, render_gemv
@@ -87,7 +87,7 @@ class MoE2Stage(Family):
 
     def rule(self, variant: str, instance: Instance) -> str:
         assert isinstance(instance, (MoEGemm, MoEGemv))
-        return heuristic.rule(instance)
+        return rules.rule(instance)
 
     def render(self, instance: Instance) -> str:
         if is_gemv(instance):
